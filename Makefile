@@ -1,0 +1,98 @@
+# dive: offline logit-caching distillation for long-tailed recognition.
+# Stage targets are the stages' manifest files, so Make reruns a stage only when its inputs changed.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+DATASET   ?= fmnist-lt
+LOSS      ?= bsce
+SEED      ?= 0
+IF        ?= 100
+DATA_ROOT ?=
+SET       ?=
+DEVICE    ?= auto
+NPROC     ?= 1
+RUNS      ?= runs
+PYTHON    ?= python3
+VENV      ?= .venv
+# Common recipe keys as Make variables; any other key goes in SET="key=value ...".
+EPOCHS    ?=
+LR        ?=
+BATCH     ?=
+MODEL     ?=
+
+# glibc's allocator slows torch 1.2-2.5x on small CPUs; these must be set before Python starts.
+export MALLOC_MMAP_THRESHOLD_ := 33554432
+export MALLOC_TRIM_THRESHOLD_ := 1073741824
+export MALLOC_TOP_PAD_ := 1073741824
+
+empty :=
+space := $(empty) $(empty)
+USER_SET  := $(strip $(SET) $(if $(EPOCHS),epochs=$(EPOCHS)) $(if $(LR),lr=$(LR)) \
+                     $(if $(BATCH),batch_size=$(BATCH)) $(if $(MODEL),model=$(MODEL)))
+# A run folder's name says what differs from the recipe, so two configs never share a folder.
+SUFFIX    := $(if $(USER_SET),-$(subst /,_,$(subst =,,$(subst $(space),_,$(USER_SET)))))
+SET_ARGS  := $(foreach kv,imbalance=$(IF) $(USER_SET),--set $(kv))
+TAG       := $(DATASET)$(if $(filter-out 100,$(IF)),-if$(IF))
+ROOT_ARG  := $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+
+TEACHER_NAME ?= teacher-$(LOSS)-seed$(SEED)$(SUFFIX)
+TEACHER_DIR  := $(RUNS)/$(TAG)/$(TEACHER_NAME)
+
+STAMP := $(VENV)/.installed
+DIVE  := $(if $(filter 1,$(NPROC)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m stages.cli)
+
+# The default dataset's files come from Debian's package unless DATA_ROOT points elsewhere.
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DATA_DEP := $(if $(and $(filter fmnist-lt,$(DATASET)),$(if $(DATA_ROOT),,yes)),$(FMNIST))
+
+.PHONY: help install test teacher clean-venv
+
+help: ## list the targets and variables
+	@echo "dive: make TARGET [VAR=value ...]"
+	@echo
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 18
+	@echo
+	@echo "Variables (current value):"
+	@echo "  DATASET=$(DATASET)   fmnist-lt | cifar100-lt | imagenet-lt | inat2018"
+	@echo "  DATA_ROOT=$(DATA_ROOT)   dataset folder (default: the dataset's usual place)"
+	@echo "  IF=$(IF)   imbalance factor for fmnist-lt / cifar100-lt (10, 50, 100)"
+	@echo "  LOSS=$(LOSS)   teacher loss: bsce | ce"
+	@echo "  SEED=$(SEED)   seed of data order, views and initial weights"
+	@echo "  EPOCHS LR BATCH MODEL   common recipe overrides"
+	@echo "  SET=\"key=value ...\"   any recipe override (see: .venv/bin/dive recipe --dataset $(DATASET))"
+	@echo "  NPROC=$(NPROC)   processes per node under torchrun (GPUs, or gloo on CPU)"
+	@echo "  DEVICE=$(DEVICE)   auto | cpu | cuda"
+	@echo "  RUNS=$(RUNS)   where run folders go; teacher folder: $(TEACHER_DIR)"
+
+install: $(STAMP) ## make the virtual environment (.venv) and install the project into it
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+$(FMNIST):
+	@echo "Fashion-MNIST is missing: installing Debian's dataset-fashion-mnist (or set DATA_ROOT=)"
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+
+# The request file changes only when the arguments do, so Make reruns a stage for a new config only.
+%/request.args: FORCE
+	@mkdir -p $(@D)
+	@echo '$(REQUEST)' | cmp -s - $@ || echo '$(REQUEST)' > $@
+FORCE:
+
+$(TEACHER_DIR)/request.args: REQUEST = teacher --dataset $(DATASET) --loss $(LOSS) --seed $(SEED) $(SET_ARGS) $(ROOT_ARG)
+
+$(TEACHER_DIR)/manifest.json: $(STAMP) $(DATA_DEP) $(TEACHER_DIR)/request.args stages/teacher.py
+	$(DIVE) teacher --dataset $(DATASET) --loss $(LOSS) --seed $(SEED) $(SET_ARGS) $(ROOT_ARG) \
+	  --device $(DEVICE) --out $(TEACHER_DIR)
+
+teacher: $(TEACHER_DIR)/manifest.json ## train the teacher (Balanced Softmax; LOSS=ce for the CE baseline)
+
+test: $(STAMP) ## run the test suite
+	$(VENV)/bin/python -m pytest -q tests
+
+clean-venv: ## remove the virtual environment
+	rm -rf $(VENV)

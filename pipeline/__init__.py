@@ -1,0 +1,1 @@
+"""The library that the stages compute with: data sources, recipes, views, models, losses, training."""

@@ -1,0 +1,120 @@
+"""Batches of views: the epoch order and view parameters (pure functions of seed and epoch), executed by the
+torch reference for in-memory datasets or by DALI for image files."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .sources.base import Split
+from .views import ViewSpec, apply_views_batch, eval_params, normalize, view_params
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # float32 [B, C, S, S], normalized
+    labels: torch.Tensor  # int64 [B]
+    index: np.ndarray  # int64 [B], positions in the split
+    params: np.ndarray  # float32 [B, P], the views applied
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The shuffled sample order of one epoch, a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch, 0x0DE5]).permutation(n)
+
+
+def shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's share of an order: wrapped to a multiple of ``world`` so every rank gets as many samples."""
+    if world == 1:
+        return order
+    total = math.ceil(len(order) / world) * world
+    padded = np.concatenate([order, order[: total - len(order)]])
+    return padded[rank::world]
+
+
+class TorchExecutor:
+    """Applies views to in-memory uint8 HWC images with the reference executor."""
+
+    def __init__(self, images: np.ndarray, size: int, mean, std) -> None:
+        self.images = torch.from_numpy(images)
+        self.size, self.mean, self.std = size, mean, std
+
+    def source_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        n, h, w = self.images.shape[:3]
+        return np.full(n, h, dtype=np.int64), np.full(n, w, dtype=np.int64)
+
+    def run(self, index: np.ndarray, params: np.ndarray) -> torch.Tensor:
+        return normalize(apply_views_batch(self.images[index], params, self.size), self.mean, self.std)
+
+
+class FileExecutor:
+    """Decodes image files with DALI (GPU where there is one) and applies views there."""
+
+    def __init__(self, files: tuple[str, ...], size: int, mean, std, batch_size: int, workers: int,
+                 device: torch.device) -> None:
+        from .dali import DaliExecutor, image_sizes  # DALI only loads for image-file datasets
+
+        self.files = files
+        self._sizes = image_sizes(files)
+        dali_device = "gpu" if device.type == "cuda" else "cpu"
+        self.dali = DaliExecutor(size, mean, std, batch_size=batch_size, device=dali_device,
+                                 num_threads=workers, device_id=device.index if device.type == "cuda" else None)
+
+    def source_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._sizes[:, 0], self._sizes[:, 1]
+
+    def run(self, index: np.ndarray, params: np.ndarray) -> torch.Tensor:
+        return self.dali.run([self.files[i] for i in index], params)
+
+
+def make_executor(split: Split, spec: ViewSpec, mean, std, batch_size: int, workers: int = 2,
+                  device: torch.device = torch.device("cpu")):
+    """The executor for a split: torch reference in memory, DALI for files."""
+    if split.in_memory:
+        return TorchExecutor(split.images, spec.size, mean, std)
+    return FileExecutor(split.files, spec.size, mean, std, batch_size, workers, device)
+
+
+class ViewLoader:
+    """Yields batches of one epoch: shuffled, sharded by rank, each sample seen through a drawn view.
+
+    Training: order = epoch_order(seed, epoch); each sample's view parameters come from
+    ``view_params(spec, seed, index, view)``, where ``view`` is the epoch (teacher) or any per-sample view
+    index the caller gives (student replaying cached views). Evaluation: file order, the evaluation view.
+    """
+
+    def __init__(self, split: Split, spec: ViewSpec, executor, batch_size: int, seed: int,
+                 train: bool, rank: int = 0, world: int = 1) -> None:
+        if train and batch_size % world:
+            raise ValueError(f"batch size {batch_size} does not divide among {world} processes")
+        self.split, self.spec, self.executor = split, spec, executor
+        self.batch_size = batch_size // world if train else batch_size
+        self.seed, self.train, self.rank, self.world = seed, train, rank, world
+        self.heights, self.widths = executor.source_sizes()
+        self.labels = torch.from_numpy(split.labels)
+
+    def local_order(self, epoch: int) -> np.ndarray:
+        if not self.train:
+            return np.arange(len(self.split))
+        return shard(epoch_order(self.seed, epoch, len(self.split)), self.rank, self.world)
+
+    def __len__(self) -> int:
+        n = len(self.split) if not self.train else math.ceil(len(self.split) / self.world)
+        return math.ceil(n / self.batch_size)
+
+    def params(self, index: np.ndarray, view: np.ndarray | int) -> np.ndarray:
+        if self.train:
+            return view_params(self.spec, self.seed, index, view, self.heights[index], self.widths[index])
+        return eval_params(self.spec, self.heights[index], self.widths[index], self.split.in_memory)
+
+    def batches(self, epoch: int = 0, views: np.ndarray | None = None) -> Iterator[Batch]:
+        """One epoch of batches. ``views`` [N] picks each sample's view index (default: the epoch)."""
+        order = self.local_order(epoch)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            view = epoch if views is None else views[index]
+            params = self.params(index, view)
+            yield Batch(self.executor.run(index, params), self.labels[index], index, params)

@@ -1,0 +1,35 @@
+"""Accuracy overall, per class, and over the Many / Medium / Few class groups."""
+from __future__ import annotations
+
+import numpy as np
+
+from .sources.base import GROUPS, class_groups
+
+
+def accuracy_report(logits: np.ndarray, labels: np.ndarray, train_counts: np.ndarray) -> dict:
+    """Top-1, per-class accuracy and group means (in percent) from per-sample logits.
+
+    Group accuracy is the mean of the group's per-class accuracies, as in OLTR and DiVE; on a balanced
+    test split this equals the accuracy over the group's images.
+    """
+    preds = np.asarray(logits).argmax(axis=1)
+    labels = np.asarray(labels)
+    num_classes = len(train_counts)
+    correct = np.bincount(labels, weights=(preds == labels), minlength=num_classes)
+    seen = np.bincount(labels, minlength=num_classes)
+    per_class = np.where(seen > 0, correct / np.maximum(seen, 1), np.nan) * 100.0
+    report = {"top1": float((preds == labels).mean() * 100.0), "per_class": per_class.tolist(),
+              "num_test": int(len(labels))}
+    for group, mask in class_groups(train_counts).items():
+        values = per_class[mask & (seen > 0)]
+        report[group] = float(values.mean()) if len(values) else float("nan")
+    return report
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """A small fixed-width table: one row per named report, columns top-1 / Many / Medium / Few."""
+    head = f"{'model':<24}{'top-1':>8}" + "".join(f"{g.capitalize():>8}" for g in GROUPS)
+    lines = [head, "-" * len(head)]
+    for name, rep in rows.items():
+        lines.append(f"{name:<24}{rep['top1']:>8.2f}" + "".join(f"{rep[g]:>8.2f}" for g in GROUPS))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""One module per stage; each exposes a thin ``run(...)`` that reads inputs, calls ``pipeline`` and writes outputs."""

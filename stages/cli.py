@@ -1,0 +1,62 @@
+"""The ``dive`` command line: one command per stage, each calling that stage's ``run``."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from pipeline.config import ConfigError, recipe_for
+from pipeline.sources import DataError
+from store.manifest import ArtifactError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="DiVE: offline logit-caching distillation for long-tailed recognition.")
+
+DatasetOpt = typer.Option("fmnist-lt", "--dataset", "-d", help="fmnist-lt, cifar100-lt, imagenet-lt or inat2018")
+SetOpt = typer.Option(None, "--set", "-s", help="recipe override key=value (repeatable)")
+RootOpt = typer.Option(None, "--data-root", help="dataset folder (default: the dataset's usual place)")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def default_out(dataset: str, stage: str, tag: str) -> Path:
+    return Path("runs") / dataset / f"{stage}-{tag}"
+
+
+@app.command()
+def teacher(dataset: str = DatasetOpt, loss: str = typer.Option("bsce", help="bsce (Balanced Softmax) or ce"),
+            seed: int = typer.Option(0), overrides: Optional[List[str]] = SetOpt,
+            data_root: Optional[Path] = RootOpt, out: Optional[Path] = typer.Option(None, help="run folder"),
+            device: str = DeviceOpt) -> None:
+    """Train a teacher with Balanced Softmax (or the plain CE baseline)."""
+    from stages import teacher as stage
+
+    try:
+        recipe = recipe_for(dataset, [f"loss={loss}", f"seed={seed}", *(overrides or [])])
+        stage.run(recipe, out or default_out(dataset, "teacher", f"{loss}-seed{seed}"), data_root, device)
+    except (ConfigError, DataError, ArtifactError) as error:
+        _fail(error)
+
+
+@app.command()
+def recipe(dataset: str = DatasetOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Print a dataset's resolved recipe."""
+    try:
+        for key, value in recipe_for(dataset, overrides or []).to_dict().items():
+            typer.echo(f"{key:>14} = {value}")
+    except ConfigError as error:
+        _fail(error)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,56 @@
+"""What the stages share: run-folder bookkeeping and checks on an existing run's config."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Recipe
+from pipeline.metrics import accuracy_report
+from pipeline.train import load_checkpoint
+from store.manifest import ArtifactError, MANIFEST, write_json_atomic
+
+CONFIG = "config.json"
+
+
+def prepare_run_dir(out: Path, config: dict) -> bool:
+    """Create ``out`` for a run of ``config``; True if it already holds that run, complete.
+
+    A folder holding a run of another config is refused rather than overwritten: nothing written is lost.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / CONFIG
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        if old != json.loads(json.dumps(config)):
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(old) | set(config))
+                             if old.get(k) != json.loads(json.dumps(config)).get(k))
+            raise ArtifactError(f"{out} holds a run with another config ({diff}). Choose another run folder "
+                                f"(NAME= / --out) or delete {out} to start over.")
+    else:
+        write_json_atomic(saved, config)
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        manifest.touch()  # complete and current for this config: tell Make it is up to date
+        return True
+    return False
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> dict:
+    """Load a stage's saved model file (weights only) into ``model``; returns its metadata."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    return {k: v for k, v in state.items() if k != "model"}
+
+
+def report_from_eval(result: dict[str, np.ndarray], class_counts: np.ndarray) -> dict:
+    """Accuracy report from ``evaluate``'s per-sample output, in sample order."""
+    order = np.argsort(result["index"], kind="stable")
+    return accuracy_report(result["logits"][order], result["labels"][order], class_counts)
+
+
+def recipe_config(recipe: Recipe, **extra) -> dict:
+    """The resolved config saved beside a stage's outputs."""
+    return {**recipe.to_dict(), **extra}

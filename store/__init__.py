@@ -1,0 +1,1 @@
+"""The logit store and the artifact manifests. Imports numpy and zarr only, never torch or DALI."""

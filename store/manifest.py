@@ -1,0 +1,127 @@
+"""Self-describing artifacts: fingerprints, manifests and atomic completion.
+
+Every stage output carries a ``manifest.json`` written last, so its presence means the stage completed.
+This module uses only the standard library and numpy, so any tool can read and check an artifact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+PACKAGES = ("torch", "torchvision", "nvidia-dali-cuda130", "zarr", "numcodecs", "numpy", "typer", "dive")
+
+
+class ArtifactError(RuntimeError):
+    """An input artifact is missing, incomplete, or not the one a stage expects."""
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_arrays(*arrays: np.ndarray, strings: Iterable[str] = ()) -> str:
+    """Fingerprint arrays (dtype, shape and bytes) and strings, in order."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    for text in strings:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour an artifact depends on (absent ones are skipped)."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True, default=_json_default)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def write_manifest(out_dir: str | os.PathLike, stage: str, config: dict, inputs: dict[str, str],
+                   outputs: dict[str, str], extra: dict | None = None) -> Path:
+    """Mark a stage complete: write its manifest (config, input and output fingerprints, versions) last."""
+    payload = {
+        "stage": stage,
+        "format_version": 1,
+        "config": config,
+        "inputs": inputs,
+        "outputs": outputs,
+        "versions": package_versions(),
+        "command": " ".join(sys.argv),
+    }
+    if extra:
+        payload.update(extra)
+    path = Path(out_dir) / MANIFEST
+    write_json_atomic(path, payload)
+    return path
+
+
+def read_manifest(out_dir: str | os.PathLike, stage: str | None = None) -> dict:
+    """Read a completed artifact's manifest, or raise ArtifactError saying how to make it."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        hint = f" Run `make {stage}` (or `dive {stage}`) to make it." if stage else ""
+        raise ArtifactError(f"{out_dir} is not a completed artifact: {path} is missing.{hint}")
+    with open(path) as handle:
+        manifest = json.load(handle)
+    if stage is not None and manifest.get("stage") != stage:
+        raise ArtifactError(f"{path} was written by stage {manifest.get('stage')!r}, expected {stage!r}.")
+    return manifest
+
+
+def check_fingerprint(what: str, expected: str, found: str, where: str) -> None:
+    """Refuse an input whose fingerprint differs from the one recorded, naming both."""
+    if expected != found:
+        raise ArtifactError(
+            f"{what} fingerprint mismatch for {where}: expected {expected[:16]}…, found {found[:16]}…. "
+            f"It was made from another {what}; rebuild it or point to the matching one."
+        )

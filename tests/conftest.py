@@ -1,0 +1,32 @@
+"""Shared fixtures: where the real Fashion-MNIST lives, and how to run the CLI as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+ALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824",
+             "MALLOC_TOP_PAD_": "1073741824"}
+
+needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file(),
+                                  reason="real Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: int = 600,
+            module: str = "stages.cli", nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run ``dive ARGS`` (or under torchrun with ``nproc`` gloo processes) in a subprocess."""
+    full_env = {**os.environ, **ALLOC_ENV, **(env or {})}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", module, *args]
+    else:
+        cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
