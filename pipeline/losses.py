@@ -46,3 +46,43 @@ def build_loss(name: str, class_counts: torch.Tensor):
     if name == "ce":
         return cross_entropy
     raise ValueError(f"unknown loss {name!r}; known: bsce, ce")
+
+
+def soft_targets(teacher_logits: torch.Tensor, tau: float, power: float) -> torch.Tensor:
+    """DiVE's teacher targets: q = softmax(z / tau), then power normalization t = q^p / sum_c q^p.
+
+    Computed in log space: log t = p * log q - logsumexp(p * log q), which is softmax(p * z / tau).
+    """
+    return torch.softmax(teacher_logits.float() * (power / tau), dim=-1)
+
+
+def kd_term(student_logits: torch.Tensor, targets: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau^2 * KL(t || softmax(s / tau)), averaged over the batch (Hinton et al. 2015 scaling)."""
+    log_p = torch.log_softmax(student_logits.float() / tau, dim=-1)
+    kl = (targets * (torch.log(targets.clamp_min(1e-30)) - log_p)).sum(dim=-1)
+    return tau * tau * kl.mean()
+
+
+class DiVELoss:
+    """DiVE (He, Wu and Wei, ICCV 2021): loss = (1 - alpha) * BSCE(s, y) + alpha * tau^2 * KL(t || softmax(s/tau)),
+
+    with s the student's raw logits, BSCE(s, y) = cross_entropy(s + log n_c, y), and t the power-normalized
+    teacher distribution from the cached raw logits z (see ``soft_targets``). alpha 0 is plain BSCE;
+    p = 1 and tau = 1 is plain KL to the teacher's softmax.
+    """
+
+    def __init__(self, class_counts: torch.Tensor, tau: float, power: float, alpha: float) -> None:
+        if tau <= 0 or power <= 0 or not 0 <= alpha <= 1:
+            raise ValueError(f"DiVE needs tau > 0, p > 0 and 0 <= alpha <= 1; got {tau}, {power}, {alpha}")
+        self.bsce = BalancedSoftmax(class_counts)
+        self.tau, self.power, self.alpha = tau, power, alpha
+
+    def to(self, device: torch.device) -> "DiVELoss":
+        self.bsce.to(device)
+        return self
+
+    def __call__(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor,
+                 teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        bsce = self.bsce(outputs, labels)["bsce"]
+        kd = kd_term(outputs["logits"], soft_targets(teacher_logits, self.tau, self.power), self.tau)
+        return {"loss": (1 - self.alpha) * bsce + self.alpha * kd, "bsce": bsce, "kd": kd}

@@ -1,5 +1,8 @@
 """Backbones. Every model returns a dict: ``logits`` [B, C] and ``features`` [B, D] (penultimate layer).
 
+The classifier always runs in float32, also under bfloat16 autocast: it costs nothing, and the logits are
+what the cache stores and what soft targets are made from, so they keep full precision.
+
 Returning a dict keeps the training loop and the losses free of any assumption that a model gives one
 tensor; multi-expert models (RIDE) add their per-expert outputs under more keys.
 """
@@ -11,6 +14,12 @@ import torch.nn.functional as F
 import torchvision
 
 MODELS = ("resnet32", "resnet50", "resnext50_32x4d")
+
+
+def classify(fc: nn.Linear, feats: torch.Tensor) -> torch.Tensor:
+    """The linear classifier in float32, outside any autocast region."""
+    with torch.autocast(feats.device.type, enabled=False):
+        return fc(feats.float())
 
 
 class BasicBlock(nn.Module):
@@ -65,7 +74,7 @@ class ResNet32(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.features(x)
-        return {"logits": self.fc(feats), "features": feats}
+        return {"logits": classify(self.fc, feats), "features": feats}
 
 
 class TorchvisionNet(nn.Module):
@@ -82,7 +91,7 @@ class TorchvisionNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.body(x)
-        return {"logits": self.fc(feats), "features": feats}
+        return {"logits": classify(self.fc, feats), "features": feats}
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
