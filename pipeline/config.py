@@ -46,6 +46,8 @@ class Recipe:
     power: float = 0.5
     alpha: float = 0.5
     views: int = 200  # V, teacher views per image in the cache
+    view_seed: int = 1  # seed of the cached views (training views use ``seed``)
+    codec: str = "float16"  # how the cache stores logits: float16 or int8
     # run
     loss: str = "bsce"
     seed: int = 0
@@ -57,6 +59,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.codec not in ("float16", "int8"):
+            raise ConfigError(f"codec must be 'float16' or 'int8', got {self.codec!r}")
         if self.schedule not in ("step", "cosine"):
             raise ConfigError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
         for name in ("epochs", "batch_size", "crop_size", "views"):

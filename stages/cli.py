@@ -44,6 +44,34 @@ def teacher(dataset: str = DatasetOpt, loss: str = typer.Option("bsce", help="bs
         _fail(error)
 
 
+def _overrides(items: Optional[List[str]]) -> dict:
+    """``key=value`` items as a dict of typed recipe values (validated against the recipe's types)."""
+    from pipeline.config import RECIPES, apply_overrides
+
+    items = items or []
+    base = RECIPES["fmnist-lt"]
+    typed = apply_overrides(base, items)
+    keys = [item.partition("=")[0].strip().replace("-", "_") for item in items]
+    return {k: getattr(typed, k) for k in keys}
+
+
+@app.command()
+def cache(teacher: Path = typer.Option(..., help="the teacher's run folder"),
+          out: Optional[Path] = typer.Option(None, help="cache folder (default: beside the teacher)"),
+          overrides: Optional[List[str]] = typer.Option(None, "--set", "-s",
+                                                        help="views=V, view_seed=, codec=float16|int8, batch_size="),
+          data_root: Optional[Path] = RootOpt, device: str = DeviceOpt) -> None:
+    """Dump the teacher's raw logits for V recorded views of every training image into a Zarr store."""
+    from stages import cache as stage
+
+    try:
+        values = _overrides(overrides)
+        out = out or teacher.parent / f"cache-{teacher.name}"
+        stage.run(teacher, out, values, data_root, device)
+    except (ConfigError, DataError, ArtifactError) as error:
+        _fail(error)
+
+
 @app.command()
 def recipe(dataset: str = DatasetOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Print a dataset's resolved recipe."""

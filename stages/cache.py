@@ -1,0 +1,160 @@
+"""The cache stage: run the trained teacher once over V recorded views of every training image and write
+its raw logits, with each view's parameters, to a chunked Zarr store (``logits.zarr``).
+
+Each rank (under torchrun) computes whole shards of the store, disjoint between ranks, and hands them to
+the store's background writer, so teacher compute overlaps the disk. A killed dump resumes with the
+shards that are missing; ``manifest.json`` is written last, after the store's own completion marker.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Recipe, recipe_from_dict
+from pipeline.data import make_executor
+from pipeline.distributed import Dist, barrier, init_from_env
+from pipeline.models import build_model
+from pipeline.sources import Source, load_source
+from pipeline.train import autocast, load_checkpoint, to_device
+from pipeline.views import P, view_params
+from store import codecs
+from store.manifest import ArtifactError, check_fingerprint, read_manifest, sha256_file, write_manifest
+from store.reader import LogitStore
+from store.writer import StoreWriter
+
+from .common import prepare_run_dir
+
+STORE = "logits.zarr"
+CACHE_KEYS = ("views", "view_seed", "codec", "batch_size", "workers", "bf16", "channels_last")
+
+
+def cache_recipe(teacher_dir: Path, overrides: dict) -> Recipe:
+    """The teacher's resolved recipe with cache-time keys (V, view seed, codec, batch) replaced."""
+    config = dict(read_manifest(teacher_dir, "teacher")["config"])
+    bad = set(overrides) - set(CACHE_KEYS)
+    if bad:
+        raise ArtifactError(f"the cache stage can only change {', '.join(CACHE_KEYS)}; got {sorted(bad)}")
+    config.update(overrides)
+    return recipe_from_dict({k: v for k, v in config.items() if k not in ("stage", "world")})
+
+
+def load_teacher(teacher_dir: Path, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The teacher's final weights (loaded weights-only), in eval mode."""
+    state = load_checkpoint(teacher_dir / "model.pt")
+    model = build_model(state["model_name"], state["num_classes"], state["in_channels"])
+    model.load_state_dict(state["model"])
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def planned_bytes(n: int, v: int, c: int, codec: str) -> int:
+    """Bytes the store will take: logits by codec, plus float32 view parameters."""
+    return n * v * (codecs.row_bytes(codec, c) + P * 4 + (8 if codec == "int8" else 0))
+
+
+def check_room(out: Path, need: int, log) -> None:
+    """Print the planned size and refuse to start when the disk lacks the room."""
+    free = shutil.disk_usage(out if out.exists() else out.parent).free
+    log(f"cache: the store will take {need / 2**20:,.1f} MiB; {free / 2**30:,.1f} GiB free at {out}")
+    if need * 1.05 > free:
+        raise ArtifactError(f"not enough disk for the cache at {out}: it needs {need / 2**30:.2f} GiB and "
+                            f"{free / 2**30:.2f} GiB are free. Free space, lower views= (V), or use codec=int8.")
+
+
+@torch.no_grad()
+def teacher_logits(model, executor, index: np.ndarray, params: np.ndarray, recipe: Recipe,
+                   device: torch.device) -> np.ndarray:
+    """Raw teacher logits (float32) of samples ``index`` seen through views ``params``, in batches."""
+    out = []
+    for start in range(0, len(index), recipe.batch_size):
+        sl = slice(start, start + recipe.batch_size)
+        images = to_device(executor.run(index[sl], params[sl]), device, recipe.channels_last)
+        with autocast(device, recipe.bf16):
+            out.append(model(images)["logits"].float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def shard_views(recipe: Recipe, executor, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (sample, view) pair of rows [start, stop): sample indices and view parameters, sample-major."""
+    heights, widths = executor.source_sizes()
+    index = np.repeat(np.arange(start, stop), recipe.views)
+    views = np.tile(np.arange(recipe.views), stop - start)
+    params = view_params(recipe.view_spec(), recipe.view_seed, index, views, heights[index], widths[index])
+    return index, params
+
+
+def dump(recipe: Recipe, model, executor, writer: StoreWriter, dist: Dist, log) -> int:
+    """Compute and queue every shard this rank still owns; returns the number of images run."""
+    todo = writer.missing_shards(dist.rank, dist.world)
+    total = sum(s.stop - s.start for s in todo) * recipe.views
+    done, start_time = 0, time.perf_counter()
+    if dist.main and len(todo) < writer.layout.n_shards // dist.world:
+        log(f"cache: resuming, {len(todo)} shards left for this rank")
+    for shard in todo:
+        index, params = shard_views(recipe, executor, shard.start, shard.stop)
+        logits = teacher_logits(model, executor, index, params, recipe, dist.device)
+        n = shard.stop - shard.start
+        writer.write_shard(shard.index, logits.reshape(n, recipe.views, -1), params.reshape(n, recipe.views, P))
+        done += len(index)
+        rate = done / (time.perf_counter() - start_time)
+        if dist.main:
+            log(f"cache: shard {shard.index + 1}/{writer.layout.n_shards}  {done:,}/{total:,} views  "
+                f"{rate * dist.world:,.0f} img/s  ETA {(total - done) / max(rate, 1e-9):,.0f}s", flush=True)
+    writer.close()
+    return done
+
+
+def run(teacher_dir: Path, out: Path, overrides: dict | None = None, data_root: Path | None = None,
+        device: str = "auto", log=print) -> Path:
+    """Dump the teacher's logits for V views of every training image into ``out / logits.zarr``."""
+    dist = init_from_env(device)
+    recipe = cache_recipe(teacher_dir, overrides or {})
+    teacher_manifest = read_manifest(teacher_dir, "teacher")
+    source = load_source(recipe.dataset, data_root, recipe.imbalance)
+    check_fingerprint("dataset sample list", teacher_manifest["inputs"]["train_samples"], source.fingerprint(),
+                      f"teacher {teacher_dir} and dataset {recipe.dataset}")
+    teacher_sha = sha256_file(teacher_dir / "model.pt")
+    config = {**recipe.to_dict(), "stage": "cache", "teacher": str(teacher_dir), "teacher_sha256": teacher_sha}
+    if prepare_run_dir(out, config):
+        log(f"{out} is complete; nothing to do")
+        return out / STORE
+    n, c = len(source.train), source.num_classes
+    if dist.main:
+        check_room(out, planned_bytes(n, recipe.views, c, recipe.codec), log)
+        log(f"cache: {n:,} images x {recipe.views} views of {recipe.dataset}, {c} classes, codec {recipe.codec}, "
+            f"on {dist.device} x{dist.world}")
+    attrs = {"recipe": recipe.to_dict(), "view_spec": dataclasses.asdict(recipe.view_spec()),
+             "view_seed": recipe.view_seed, "fingerprints": fingerprints(teacher_sha, source)}
+    writer = StoreWriter.create_or_resume(out / STORE, n, recipe.views, c, recipe.codec, source.train.labels,
+                                          source.train.ids, source.class_counts, attrs)
+    model = load_teacher(teacher_dir, dist.device, recipe.channels_last)
+    executor = make_executor(source.train, recipe.view_spec(), source.mean, source.std, recipe.batch_size,
+                             recipe.workers, dist.device)
+    start = time.perf_counter()
+    images = dump(recipe, model, executor, writer, dist, log)
+    barrier(dist)
+    if dist.main:
+        writer.mark_complete()
+        store = LogitStore.open(out / STORE, expect=attrs["fingerprints"])
+        write_manifest(out, "cache", config, inputs={"teacher_model": teacher_sha, **attrs["fingerprints"]},
+                       outputs={STORE: store.path.name}, extra={
+                           "layout": store.layout.to_dict(), "seconds": time.perf_counter() - start,
+                           "images": images, "bytes": directory_bytes(out / STORE)})
+        log(f"cache: wrote {out / STORE} ({directory_bytes(out / STORE) / 2**20:,.1f} MiB, layout "
+            f"{store.layout.to_dict()}) in {time.perf_counter() - start:,.0f}s")
+    barrier(dist)
+    return out / STORE
+
+
+def fingerprints(teacher_sha: str, source: Source) -> dict[str, str]:
+    """What a cache is bound to: the teacher's weights and the training sample list."""
+    return {"teacher": teacher_sha, "samples": source.fingerprint()}
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
