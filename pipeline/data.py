@@ -19,6 +19,7 @@ class Batch:
     labels: torch.Tensor  # int64 [B]
     index: np.ndarray  # int64 [B], positions in the split
     params: np.ndarray  # float32 [B, P], the views applied
+    teacher_logits: torch.Tensor | None = None  # float32 [B, C], raw, for distillation
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:

@@ -73,6 +73,42 @@ def cache(teacher: Path = typer.Option(..., help="the teacher's run folder"),
 
 
 @app.command()
+def student(cache_dir: Path = typer.Option(..., "--cache", help="the cache's folder"),
+            out: Optional[Path] = typer.Option(None, help="student run folder"),
+            name: Optional[str] = typer.Option(None, help="run name (default: from the settings)"),
+            tau: Optional[float] = typer.Option(None, help="temperature (default: the recipe's)"),
+            power: Optional[float] = typer.Option(None, help="power normalization p (1: none)"),
+            alpha: Optional[float] = typer.Option(None, help="weight of the distillation term"),
+            seed: int = typer.Option(0, help="the student's seed"),
+            mode: str = typer.Option("cached", help="cached (read the store) or online (run the teacher)"),
+            overrides: Optional[List[str]] = SetOpt, data_root: Optional[Path] = RootOpt,
+            device: str = DeviceOpt) -> None:
+    """Train a DiVE student from a cache: replayed views, cached soft targets, no teacher."""
+    from stages import student as stage
+
+    try:
+        values = _overrides(overrides)
+        for key, value in (("tau", tau), ("power", power), ("alpha", alpha)):
+            if value is not None:
+                values[key] = value
+        values["seed"] = seed
+        if out is None:
+            tag = name or student_name(values, mode)
+            out = cache_dir / "students" / tag
+        stage.run(cache_dir, out, values, mode, data_root, device)
+    except (ConfigError, DataError, ArtifactError) as error:
+        _fail(error)
+
+
+def student_name(values: dict, mode: str) -> str:
+    """A run name that says the settings: e.g. ``tau3-p0.5-a0.5-seed0``."""
+    parts = [f"{key}{values[key]:g}" for key in ("tau", "power", "alpha") if key in values]
+    rest = [f"{k}{v}" for k, v in sorted(values.items()) if k not in ("tau", "power", "alpha", "seed")]
+    name = "-".join(["dive", *parts, *rest, f"seed{values.get('seed', 0)}"]).replace("power", "p").replace("alpha", "a")
+    return name + ("-online" if mode == "online" else "")
+
+
+@app.command()
 def recipe(dataset: str = DatasetOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Print a dataset's resolved recipe."""
     try:

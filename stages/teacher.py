@@ -82,20 +82,22 @@ def run(recipe: Recipe, out: Path, data_root: Path | None = None, device: str = 
 
 
 def finish(recipe: Recipe, source: Source, model, tests: ViewLoader, out: Path, history: list, config: dict,
-           device: torch.device, log) -> dict:
-    """Evaluate the final weights, write the outputs and, last, the manifest."""
+           device: torch.device, log, stage: str = "teacher", name: str | None = None,
+           inputs: dict | None = None, extra: dict | None = None) -> dict:
+    """Evaluate the final weights, write the outputs and, last, the manifest (teacher and student alike)."""
     result = evaluate(model, tests.batches(), device, recipe.bf16, recipe.channels_last)
     report = report_from_eval(result, source.class_counts)
     np.savez(out / "eval.npz", **result)
     save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_name": recipe.model,
                                        "num_classes": source.num_classes, "in_channels": in_channels(source),
                                        "config": recipe.to_dict()})
-    metrics = {**report, "class_counts": source.class_counts.tolist(), "history": history}
+    metrics = {**report, "class_counts": source.class_counts.tolist(), "history": history, **(extra or {})}
     write_json_atomic(out / "metrics.json", metrics)
-    log(format_table({f"teacher ({recipe.loss})": report}))
+    log(format_table({name or f"teacher ({recipe.loss})": report}))
     summary = {k: report[k] for k in ("top1", "many", "medium", "few")}
-    write_manifest(out, "teacher", config,
-                   inputs={"train_samples": source.fingerprint(), "test_samples": source.test.fingerprint()},
+    write_manifest(out, stage, config,
+                   inputs={"train_samples": source.fingerprint(), "test_samples": source.test.fingerprint(),
+                           **(inputs or {})},
                    outputs={"model.pt": sha256_file(out / "model.pt"), "eval.npz": sha256_file(out / "eval.npz")},
                    extra={"metrics": summary})
     return summary

@@ -1,0 +1,95 @@
+"""The student stage: DiVE distillation from the cache. The student replays each epoch's cached views and
+learns from the cached raw teacher logits; the teacher's weights are never loaded (unless ``mode=online``,
+the reference that runs the teacher on the same views instead of reading the store)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Recipe, recipe_from_dict
+from pipeline.data import make_executor
+from pipeline.distill import CachedTargets, OnlineTargets
+from pipeline.distributed import barrier, init_from_env
+from pipeline.losses import DiVELoss
+from pipeline.metrics import format_table
+from pipeline.sources import load_source
+from pipeline.train import fit, make_optimizer, unwrap
+from store.manifest import ArtifactError, read_manifest
+from store.reader import LogitStore
+
+from .cache import STORE, load_teacher
+from .common import prepare_run_dir
+from .teacher import build_for, finish, test_loader
+
+STUDENT_KEYS = ("tau", "power", "alpha", "model", "epochs", "lr", "seed", "batch_size", "weight_decay",
+                "warmup_epochs", "milestones", "gamma", "schedule", "momentum", "eval_every", "bf16",
+                "channels_last", "workers")
+MODES = ("cached", "online")
+
+
+def student_recipe(cache_dir: Path, overrides: dict) -> Recipe:
+    """The cache's (teacher's) recipe with student-time keys replaced."""
+    config = dict(read_manifest(cache_dir, "cache")["config"])
+    bad = set(overrides) - set(STUDENT_KEYS)
+    if bad:
+        raise ArtifactError(f"a student can only change {', '.join(STUDENT_KEYS)}; got {sorted(bad)}")
+    config.update(overrides)
+    return recipe_from_dict({k: v for k, v in config.items() if k not in ("stage", "teacher", "teacher_sha256", "world")})
+
+
+def open_cache(cache_dir: Path, source) -> LogitStore:
+    """The cache's store, read-only, refused unless it was made from this dataset's training split."""
+    return LogitStore.open(cache_dir / STORE, expect={"samples": source.fingerprint()})
+
+
+def run(cache_dir: Path, out: Path, overrides: dict | None = None, mode: str = "cached",
+        data_root: Path | None = None, device: str = "auto", log=print) -> dict:
+    """Train a DiVE student from ``cache_dir`` into ``out`` and return its test metrics."""
+    if mode not in MODES:
+        raise ArtifactError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    dist = init_from_env(device)
+    recipe = student_recipe(cache_dir, overrides or {})
+    cache_manifest = read_manifest(cache_dir, "cache")
+    source = load_source(recipe.dataset, data_root, recipe.imbalance)
+    store = open_cache(cache_dir, source)
+    config = {**recipe.to_dict(), "stage": "student", "mode": mode, "cache": str(cache_dir),
+              "cache_fingerprints": store.fingerprints, "world": dist.world}
+    if prepare_run_dir(out, config):
+        log(f"{out} is complete; nothing to do")
+        return read_manifest(out, "student")["metrics"]
+    if dist.main:
+        log(f"student: {recipe.model} from {cache_dir} ({store.n:,} images x {store.v} views), tau {recipe.tau}, "
+            f"p {recipe.power}, alpha {recipe.alpha}, {recipe.epochs} epochs, mode {mode}, on {dist.device} x{dist.world}")
+    model = build_for(recipe, source).to(dist.device)
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.active:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    local_batch = recipe.batch_size // dist.world
+    executor = make_executor(source.train, recipe.view_spec(), source.mean, source.std, local_batch,
+                             recipe.workers, dist.device)
+    if mode == "cached":
+        loader = CachedTargets(store, executor, recipe.batch_size, recipe.seed, dist.rank, dist.world)
+    else:
+        teacher = load_teacher(Path(cache_manifest["config"]["teacher"]), dist.device, recipe.channels_last)
+        loader = OnlineTargets.like(store, teacher, recipe.view_spec(), executor, recipe.batch_size, recipe.seed,
+                                    dist.device, recipe.bf16, recipe.channels_last, dist.rank, dist.world)
+    loss = DiVELoss(torch.as_tensor(source.class_counts), recipe.tau, recipe.power, recipe.alpha).to(dist.device)
+    loss_fn = lambda outputs, b: loss(outputs, b.labels.to(dist.device), b.teacher_logits.to(dist.device))  # noqa: E731
+    tests = test_loader(recipe, source, dist.device) if dist.main else None
+    history = fit(model, loss_fn, loader, recipe, make_optimizer(model, recipe), dist, out / "checkpoint.pt",
+                  log=log)
+    metrics = {}
+    if dist.main:
+        metrics = finish(recipe, source, unwrap(model), tests, out, history, config, dist.device, log,
+                         stage="student", name=f"student (DiVE, {mode})",
+                         inputs={"cache": json.dumps(store.fingerprints, sort_keys=True)},
+                         extra={"store_wait_seconds": getattr(loader, "wait_seconds", 0.0)})
+        teacher_dir = Path(cache_manifest["config"]["teacher"])
+        if (teacher_dir / "metrics.json").is_file():
+            teacher = json.loads((teacher_dir / "metrics.json").read_text())
+            log(format_table({"teacher": teacher, f"student ({mode})": metrics}))
+    barrier(dist)
+    return metrics
