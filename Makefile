@@ -14,11 +14,30 @@ NPROC     ?= 1
 RUNS      ?= runs
 PYTHON    ?= python3
 VENV      ?= .venv
-# Common recipe keys as Make variables; any other key goes in SET="key=value ...".
+# Common recipe keys as Make variables; any other key goes in SET="key=value ..." (teacher),
+# CACHE_SET (cache) or STUDENT_SET (student).
 EPOCHS    ?=
 LR        ?=
 BATCH     ?=
 MODEL     ?=
+# cache
+VIEWS     ?=
+CODEC     ?=
+CACHE_SET ?=
+# student
+TAU       ?=
+POWER     ?=
+ALPHA     ?=
+STUDENT_SEED ?= 0
+STUDENT_EPOCHS ?=
+STUDENT_MODEL ?=
+STUDENT_SET ?=
+MODE      ?= cached
+NAME      ?=
+# sweep grid
+TAUS      ?= 1 2 3 6 9
+POWERS    ?= 0.5 1
+SEEDS     ?= 0
 
 # glibc's allocator slows torch 1.2-2.5x on small CPUs; these must be set before Python starts.
 export MALLOC_MMAP_THRESHOLD_ := 33554432
@@ -38,6 +57,17 @@ ROOT_ARG  := $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 TEACHER_NAME ?= teacher-$(LOSS)-seed$(SEED)$(SUFFIX)
 TEACHER_DIR  := $(RUNS)/$(TAG)/$(TEACHER_NAME)
 
+CACHE_ALL    := $(strip $(CACHE_SET) $(if $(VIEWS),views=$(VIEWS)) $(if $(CODEC),codec=$(CODEC)))
+CACHE_DIR    := $(RUNS)/$(TAG)/cache-$(TEACHER_NAME)$(if $(CACHE_ALL),-$(subst =,,$(subst $(space),_,$(CACHE_ALL))))
+
+STUDENT_ALL  := $(strip $(STUDENT_SET) $(if $(STUDENT_EPOCHS),epochs=$(STUDENT_EPOCHS)) \
+                        $(if $(STUDENT_MODEL),model=$(STUDENT_MODEL)))
+STUDENT_OPTS := $(if $(TAU),--tau $(TAU)) $(if $(POWER),--power $(POWER)) $(if $(ALPHA),--alpha $(ALPHA)) \
+                --seed $(STUDENT_SEED) --mode $(MODE) $(foreach kv,$(STUDENT_ALL),--set $(kv))
+STUDENT_NAME := $(or $(NAME),dive$(if $(TAU),-tau$(TAU))$(if $(POWER),-p$(POWER))$(if $(ALPHA),-a$(ALPHA))$(if \
+                $(STUDENT_ALL),-$(subst =,,$(subst $(space),-,$(STUDENT_ALL))))-seed$(STUDENT_SEED)$(if $(filter online,$(MODE)),-online))
+STUDENT_DIR  := $(CACHE_DIR)/students/$(STUDENT_NAME)
+
 STAMP := $(VENV)/.installed
 DIVE  := $(if $(filter 1,$(NPROC)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m stages.cli)
 
@@ -45,7 +75,7 @@ DIVE  := $(if $(filter 1,$(NPROC)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA_DEP := $(if $(and $(filter fmnist-lt,$(DATASET)),$(if $(DATA_ROOT),,yes)),$(FMNIST))
 
-.PHONY: help install test teacher clean-venv
+.PHONY: help install test teacher cache student sweep report clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -90,6 +120,30 @@ $(TEACHER_DIR)/manifest.json: $(STAMP) $(DATA_DEP) $(TEACHER_DIR)/request.args s
 	  --device $(DEVICE) --out $(TEACHER_DIR)
 
 teacher: $(TEACHER_DIR)/manifest.json ## train the teacher (Balanced Softmax; LOSS=ce for the CE baseline)
+
+$(CACHE_DIR)/request.args: REQUEST = cache --teacher $(TEACHER_DIR) $(foreach kv,$(CACHE_ALL),--set $(kv)) $(ROOT_ARG)
+
+$(CACHE_DIR)/manifest.json: $(TEACHER_DIR)/manifest.json $(CACHE_DIR)/request.args stages/cache.py
+	$(DIVE) cache --teacher $(TEACHER_DIR) $(foreach kv,$(CACHE_ALL),--set $(kv)) $(ROOT_ARG) \
+	  --device $(DEVICE) --out $(CACHE_DIR)
+
+cache: $(CACHE_DIR)/manifest.json ## dump teacher logits for V recorded views per image (VIEWS=, CODEC=)
+
+$(STUDENT_DIR)/request.args: REQUEST = student --cache $(CACHE_DIR) $(STUDENT_OPTS) $(ROOT_ARG)
+
+$(STUDENT_DIR)/manifest.json: $(CACHE_DIR)/manifest.json $(STUDENT_DIR)/request.args stages/student.py
+	$(DIVE) student --cache $(CACHE_DIR) $(STUDENT_OPTS) $(ROOT_ARG) --device $(DEVICE) --out $(STUDENT_DIR)
+
+student: $(STUDENT_DIR)/manifest.json ## train a DiVE student from the cache (TAU= POWER= ALPHA= NAME= STUDENT_SEED=)
+
+sweep: $(CACHE_DIR)/manifest.json ## train students over TAUS x POWERS x SEEDS from one cache, then report
+	@for seed in $(SEEDS); do for tau in $(TAUS); do for p in $(POWERS); do \
+	  $(MAKE) --no-print-directory student TAU=$$tau POWER=$$p STUDENT_SEED=$$seed || exit 1; \
+	done; done; done
+	$(MAKE) --no-print-directory report
+
+report: $(STAMP) ## write runs/<dataset>/report.md: every teacher and student, mean and std over seeds
+	$(VENV)/bin/python -m stages.cli report --runs $(RUNS)/$(TAG)
 
 test: $(STAMP) ## run the test suite
 	$(VENV)/bin/python -m pytest -q tests

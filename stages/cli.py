@@ -109,6 +109,18 @@ def student_name(values: dict, mode: str) -> str:
 
 
 @app.command()
+def report(runs: Path = typer.Option(Path("runs/fmnist-lt"), help="a dataset's run folder"),
+           out: Optional[Path] = typer.Option(None, help="Markdown file (default: RUNS/report.md)")) -> None:
+    """Write a Markdown table of every teacher and student run (mean and std over seeds)."""
+    from stages import report as stage
+
+    try:
+        stage.run(runs, out)
+    except FileNotFoundError as error:
+        _fail(error)
+
+
+@app.command()
 def recipe(dataset: str = DatasetOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Print a dataset's resolved recipe."""
     try:

@@ -1,0 +1,89 @@
+"""The report stage: one Markdown table (like the paper's Table 1) over every complete run of a dataset:
+method, settings, top-1, Many, Medium, Few, with mean and std over seeds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.sources.base import GROUPS
+
+COLUMNS = ("top1", *GROUPS)
+# The settings that name a row; a row's seeds are averaged. Everything else is the recipe's default.
+TEACHER_KEYS = ("model", "epochs")
+STUDENT_KEYS = ("model", "epochs", "tau", "power", "alpha", "mode")
+
+
+def collect(runs: Path) -> list[dict]:
+    """Every complete teacher and student under ``runs`` (manifests only; incomplete runs are skipped)."""
+    rows = []
+    for manifest in sorted(runs.rglob("manifest.json")):
+        data = json.loads(manifest.read_text())
+        if data.get("stage") not in ("teacher", "student") or "metrics" not in data:
+            continue
+        config = data["config"]
+        if data["stage"] == "teacher":
+            method = {"bsce": "BSCE (teacher)", "ce": "CE"}.get(config["loss"], config["loss"])
+            settings = {k: config[k] for k in TEACHER_KEYS}
+        else:
+            method = "DiVE"
+            settings = {k: config[k] for k in STUDENT_KEYS}
+            settings["teacher"] = Path(config["cache"]).name.removeprefix("cache-")
+        rows.append({"method": method, "settings": settings, "seed": config["seed"], "path": str(manifest.parent),
+                     **{k: data["metrics"][k] for k in COLUMNS}})
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Group runs that differ only in seed; mean and sample std (ddof 1) of each column."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["method"] + json.dumps(row["settings"], sort_keys=True), []).append(row)
+    out = []
+    for members in groups.values():
+        entry = {"method": members[0]["method"], "settings": members[0]["settings"],
+                 "seeds": sorted(m["seed"] for m in members)}
+        for col in COLUMNS:
+            values = np.array([m[col] for m in members], dtype=float)
+            entry[col] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan"))
+        out.append(entry)
+    return sorted(out, key=lambda e: ({"CE": 0, "BSCE (teacher)": 1}.get(e["method"], 2), -e["top1"][0]))
+
+
+def _cell(mean: float, std: float) -> str:
+    return f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _settings(method: str, settings: dict) -> str:
+    if method == "DiVE":
+        text = f"tau {settings['tau']:g}, p {settings['power']:g}, alpha {settings['alpha']:g}"
+        if settings.get("mode") == "online":
+            text += ", online"
+        return text + f"; {settings['model']}, {settings['epochs']} ep; from {settings['teacher']}"
+    return f"{settings['model']}, {settings['epochs']} ep"
+
+
+def markdown(entries: list[dict], title: str) -> str:
+    """The report as a Markdown table."""
+    lines = [f"# {title}", "", "| method | settings | seeds | top-1 | Many | Medium | Few |",
+             "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        cells = " | ".join(_cell(*e[c]) for c in COLUMNS)
+        seeds = ",".join(str(s) for s in e["seeds"])
+        lines.append(f"| {e['method']} | {_settings(e['method'], e['settings'])} | {seeds} | {cells} |")
+    lines += ["", "Mean ± sample std over seeds (where there are several); accuracies in percent on the test split."]
+    return "\n".join(lines) + "\n"
+
+
+def run(runs: Path, out: Path | None = None, log=print) -> Path:
+    """Write ``runs/report.md`` (or ``out``) and print it."""
+    entries = summarize(collect(runs))
+    if not entries:
+        raise FileNotFoundError(f"no complete teacher or student runs under {runs}; run `make teacher` first")
+    out = out or runs / "report.md"
+    text = markdown(entries, f"Results: {runs.name}")
+    out.write_text(text)
+    log(text)
+    log(f"report written to {out}")
+    return out
