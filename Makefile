@@ -145,7 +145,15 @@ sweep: $(CACHE_DIR)/manifest.json ## train students over TAUS x POWERS x SEEDS f
 report: $(STAMP) ## write runs/<dataset>/report.md: every teacher and student, mean and std over seeds
 	$(VENV)/bin/python -m stages.cli report --runs $(RUNS)/$(TAG)
 
-test: $(STAMP) ## run the test suite
+# Real JPEGs in many encodings, the decode tests' fixtures.
+JXL_JPEG := /usr/share/libjxl-testdata/jxl/flower/flower.png.im_q85_420.jpg
+OPENCV_JPEG := /usr/share/doc/opencv-doc/examples/data/baboon.jpg
+$(JXL_JPEG):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjxl-testdata
+$(OPENCV_JPEG):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc
+
+test: $(STAMP) $(FMNIST) $(JXL_JPEG) $(OPENCV_JPEG) ## run the test suite (installs its data with apt-get if missing)
 	$(VENV)/bin/python -m pytest -q tests
 
 clean-venv: ## remove the virtual environment

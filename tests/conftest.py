@@ -30,3 +30,29 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: in
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory):
+    """A real teacher (1 epoch on Fashion-MNIST-LT) and its cache of 3 views per image, made once."""
+    if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("real Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+    root = tmp_path_factory.mktemp("pipeline")
+    teacher, cache = root / "teacher", root / "cache"
+    run_cli("teacher", "--set", "epochs=1", "--out", str(teacher))
+    run_cli("cache", "--teacher", str(teacher), "--set", "views=3", "--out", str(cache))
+    return teacher, cache
+
+
+def kill_after(args: list[str], marker, timeout: float = 300) -> None:
+    """Start ``dive ARGS``, SIGKILL it as soon as ``marker()`` is true, and wait for it to die."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", *args], cwd=REPO, env={**os.environ, **ALLOC_ENV},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
