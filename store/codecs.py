@@ -1,0 +1,84 @@
+"""How raw logits are stored: ``float16`` (default) or ``int8``.
+
+float16 keeps ~3 significant decimal digits; decoding gives exactly ``z.astype(float16)``. Logits are
+stored uncompressed: on realistic float16 logits zstd/blosc saved only ~8% of the bytes and cut the read
+rate by ~2.5x (measured on Gaussian logits, C = 8142), and reading speed is what every student epoch pays.
+
+int8 halves the bytes again with a per-row (per sample-view) affine code anchored at the row's maximum:
+
+    step = (max - min) / 255            (1 where max == min)
+    q    = 127 - round((max - z) / step)        in [-128, 127]
+    z^   = max - (127 - q) * step
+
+``logit_affine`` [..., 2] float32 stores (max, step). Anchoring at the max, rather than at the min, makes
+the top logit decode exactly, and softmax is invariant to a shift, so the teacher's arg-max and the
+distances below it are what matter. The error is |z^ - z| <= step / 2 (plus float32 rounding), i.e. at most
+(max - min) / 510. We also tried a square-root companded code (finer steps near the max): it cut
+KL(p || p^) at tau = 1 by ~3.6x but raised it ~1.7x at tau = 9, and distillation uses high temperatures,
+so the plain affine code stays.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CODECS = ("float16", "int8")
+
+
+def check(codec: str) -> str:
+    """Return ``codec`` if it is known, else raise ValueError listing the known ones."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown logit codec {codec!r}; use one of {CODECS}")
+    return codec
+
+
+def stored_arrays(codec: str, c: int) -> dict[str, tuple[str, int]]:
+    """The arrays a codec stores per sample-view: name -> (dtype, last dimension)."""
+    if check(codec) == "float16":
+        return {"logits": ("float16", c)}
+    return {"logits": ("int8", c), "logit_affine": ("float32", 2)}
+
+
+def row_bytes(codec: str, c: int) -> int:
+    """Bytes stored per sample-view for the logits (the side array of int8 is negligible)."""
+    return c * (2 if check(codec) == "float16" else 1)
+
+
+def encode(z: np.ndarray, codec: str = "float16") -> dict[str, np.ndarray]:
+    """Encode float logits [..., C] into the arrays ``stored_arrays(codec, C)`` names."""
+    z = np.asarray(z, dtype=np.float32)
+    lo, hi = (z.min(), z.max()) if z.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates through min/max: one cheap pass
+        raise ValueError("teacher logits contain NaN or inf; refusing to store them")
+    if check(codec) == "float16":
+        if max(-lo, hi) > np.finfo(np.float16).max:
+            raise ValueError("teacher logits exceed the float16 range (|z| > 65504); use another codec")
+        return {"logits": z.astype(np.float16)}
+    return _encode_int8(z)
+
+
+def _encode_int8(z: np.ndarray) -> dict[str, np.ndarray]:
+    top = z.max(axis=-1)
+    step = (top - z.min(axis=-1)) / np.float32(255)
+    step = np.where(step > 0, step, np.float32(1)).astype(np.float32)
+    levels = np.subtract(top[..., None], z)  # in place from here on: a shard is ~17M values
+    levels /= step[..., None]
+    np.rint(levels, out=levels)
+    np.clip(levels, 0, 255, out=levels)
+    np.subtract(np.float32(127), levels, out=levels)
+    return {"logits": levels.astype(np.int8), "logit_affine": np.stack([top, step], axis=-1)}
+
+
+def decode(parts: dict[str, np.ndarray], codec: str = "float16") -> np.ndarray:
+    """Decode stored arrays back to float32 logits [..., C]."""
+    if check(codec) == "float16":
+        return parts["logits"].astype(np.float32)
+    affine = parts["logit_affine"]
+    top, step = affine[..., 0:1], affine[..., 1:2]
+    return top - (np.float32(127) - parts["logits"].astype(np.float32)) * step
+
+
+def int8_error_bound(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-row bound on |decode - z| for int8: step / 2 plus float32 rounding of the decode."""
+    top, step = parts["logit_affine"][..., 0], parts["logit_affine"][..., 1]
+    rounding = 4 * np.finfo(np.float32).eps * (np.abs(top) + 255 * step)
+    return step / 2 + rounding
