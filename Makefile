@@ -75,7 +75,7 @@ DIVE  := $(if $(filter 1,$(NPROC)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA_DEP := $(if $(and $(filter fmnist-lt,$(DATASET)),$(if $(DATA_ROOT),,yes)),$(FMNIST))
 
-.PHONY: help install test teacher cache student sweep report clean-venv
+.PHONY: help install test teacher cache student sweep report bench-cache bench-student gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -155,6 +155,10 @@ $(OPENCV_JPEG):
 
 test: $(STAMP) $(FMNIST) $(JXL_JPEG) $(OPENCV_JPEG) ## run the test suite (installs its data with apt-get if missing)
 	$(VENV)/bin/python -m pytest -q tests
+
+bench-cache: $(STAMP) $(FMNIST) ## dump vs forward-only images/s, codec fidelity, store MB/s, iNat-shaped reads
+	$(VENV)/bin/python benchmarks/bench_cache.py
+	$(VENV)/bin/python benchmarks/bench_store.py
 
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)
