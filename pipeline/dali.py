@@ -27,6 +27,7 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from pipeline.sources.base import DataError
 from pipeline.views import P
 
 _LUMA = np.array([0.299, 0.587, 0.114])  # as pipeline.views._LUMA
@@ -35,7 +36,7 @@ _INPUTS = ("raw", "start", "shape", "margin_start", "margin_shape", "rows", "col
            *(f"{k}_roi_{end}" for k in _RESIZED for end in ("start", "end")))
 
 
-class ImageError(RuntimeError):
+class ImageError(DataError):
     """An image file is missing, empty or cannot be decoded. The message names the file."""
 
 

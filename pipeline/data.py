@@ -43,9 +43,10 @@ class TorchExecutor:
         self.images = torch.from_numpy(images)
         self.size, self.mean, self.std = size, mean, std
 
-    def source_sizes(self) -> tuple[np.ndarray, np.ndarray]:
-        n, h, w = self.images.shape[:3]
-        return np.full(n, h, dtype=np.int64), np.full(n, w, dtype=np.int64)
+    def sizes(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Source heights and widths of samples ``index``."""
+        h, w = self.images.shape[1:3]
+        return np.full(len(index), h, dtype=np.int64), np.full(len(index), w, dtype=np.int64)
 
     def run(self, index: np.ndarray, params: np.ndarray) -> torch.Tensor:
         return normalize(apply_views_batch(self.images[index], params, self.size), self.mean, self.std)
@@ -56,16 +57,22 @@ class FileExecutor:
 
     def __init__(self, files: tuple[str, ...], size: int, mean, std, batch_size: int, workers: int,
                  device: torch.device) -> None:
-        from .dali import DaliExecutor, image_sizes  # DALI only loads for image-file datasets
+        from .dali import DaliExecutor  # DALI only loads for image-file datasets
 
         self.files = files
-        self._sizes = image_sizes(files)
+        self._sizes = np.full((len(files), 2), -1, dtype=np.int64)  # read from headers on first use
         dali_device = "gpu" if device.type == "cuda" else "cpu"
         self.dali = DaliExecutor(size, mean, std, batch_size=batch_size, device=dali_device,
                                  num_threads=workers, device_id=device.index if device.type == "cuda" else None)
 
-    def source_sizes(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._sizes[:, 0], self._sizes[:, 1]
+    def sizes(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Source heights and widths of samples ``index``, from the image headers (read once, when first
+        needed, so a bad file is met in its own batch, after the batches before it were done)."""
+        from .dali import image_size
+
+        for i in index[self._sizes[index, 0] < 0]:
+            self._sizes[i] = image_size(self.files[i])
+        return self._sizes[index, 0], self._sizes[index, 1]
 
     def run(self, index: np.ndarray, params: np.ndarray) -> torch.Tensor:
         return self.dali.run([self.files[i] for i in index], params)
@@ -94,7 +101,6 @@ class ViewLoader:
         self.split, self.spec, self.executor = split, spec, executor
         self.batch_size = batch_size // world if train else batch_size
         self.seed, self.train, self.rank, self.world = seed, train, rank, world
-        self.heights, self.widths = executor.source_sizes()
         self.labels = torch.from_numpy(split.labels)
 
     def local_order(self, epoch: int) -> np.ndarray:
@@ -107,9 +113,10 @@ class ViewLoader:
         return math.ceil(n / self.batch_size)
 
     def params(self, index: np.ndarray, view: np.ndarray | int) -> np.ndarray:
+        heights, widths = self.executor.sizes(index)
         if self.train:
-            return view_params(self.spec, self.seed, index, view, self.heights[index], self.widths[index])
-        return eval_params(self.spec, self.heights[index], self.widths[index], self.split.in_memory)
+            return view_params(self.spec, self.seed, index, view, heights, widths)
+        return eval_params(self.spec, heights, widths, self.split.in_memory)
 
     def batches(self, epoch: int = 0, views: np.ndarray | None = None) -> Iterator[Batch]:
         """One epoch of batches. ``views`` [N] picks each sample's view index (default: the epoch)."""

@@ -60,7 +60,6 @@ class OnlineTargets:
         self.labels = torch.from_numpy(labels)
         self.batch_size, self.seed, self.rank, self.world = batch_size // world, seed, rank, world
         self.device, self.bf16, self.channels_last = device, bf16, channels_last
-        self.heights, self.widths = executor.source_sizes()
 
     @classmethod
     def like(cls, store: LogitStore, teacher: torch.nn.Module, spec: ViewSpec, executor, batch_size: int,
@@ -82,6 +81,6 @@ class OnlineTargets:
         order = epoch_order(epoch, self.n, self.chunk, self.seed, self.rank, self.world)
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
-            params = view_params(self.spec, self.view_seed, index, view, self.heights[index], self.widths[index])
+            params = view_params(self.spec, self.view_seed, index, view, *self.executor.sizes(index))
             images = self.executor.run(index, params)
             yield Batch(images, self.labels[index], index, params, self.teacher_logits(images))

@@ -26,9 +26,11 @@ class BalancedSoftmax:
 
     def __init__(self, class_counts: torch.Tensor) -> None:
         counts = torch.as_tensor(class_counts, dtype=torch.float32)
-        if (counts <= 0).any():
-            raise ValueError("Balanced Softmax needs at least one training image in every class")
-        self.log_prior = counts.log()
+        if (counts < 0).any() or counts.sum() <= 0:
+            raise ValueError("Balanced Softmax needs non-negative class counts with at least one image")
+        # A class with no training image gets a prior of ~0 (log 1e-12): it then takes no part in the
+        # softmax, as the exact -inf would, without risking inf - inf in the gradients.
+        self.log_prior = counts.clamp_min(1e-12).log()
 
     def to(self, device: torch.device) -> "BalancedSoftmax":
         self.log_prior = self.log_prior.to(device)

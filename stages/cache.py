@@ -81,10 +81,9 @@ def teacher_logits(model, executor, index: np.ndarray, params: np.ndarray, recip
 
 def shard_views(recipe: Recipe, executor, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """Every (sample, view) pair of rows [start, stop): sample indices and view parameters, sample-major."""
-    heights, widths = executor.source_sizes()
     index = np.repeat(np.arange(start, stop), recipe.views)
     views = np.tile(np.arange(recipe.views), stop - start)
-    params = view_params(recipe.view_spec(), recipe.view_seed, index, views, heights[index], widths[index])
+    params = view_params(recipe.view_spec(), recipe.view_seed, index, views, *executor.sizes(index))
     return index, params
 
 
@@ -95,17 +94,17 @@ def dump(recipe: Recipe, model, executor, writer: StoreWriter, dist: Dist, log) 
     done, start_time = 0, time.perf_counter()
     if dist.main and len(todo) < writer.layout.n_shards // dist.world:
         log(f"cache: resuming, {len(todo)} shards left for this rank")
-    for shard in todo:
-        index, params = shard_views(recipe, executor, shard.start, shard.stop)
-        logits = teacher_logits(model, executor, index, params, recipe, dist.device)
-        n = shard.stop - shard.start
-        writer.write_shard(shard.index, logits.reshape(n, recipe.views, -1), params.reshape(n, recipe.views, P))
-        done += len(index)
-        rate = done / (time.perf_counter() - start_time)
-        if dist.main:
-            log(f"cache: shard {shard.index + 1}/{writer.layout.n_shards}  {done:,}/{total:,} views  "
-                f"{rate * dist.world:,.0f} img/s  ETA {(total - done) / max(rate, 1e-9):,.0f}s", flush=True)
-    writer.close()
+    with writer:  # on any error, shards already queued are still written before it propagates
+        for shard in todo:
+            index, params = shard_views(recipe, executor, shard.start, shard.stop)
+            logits = teacher_logits(model, executor, index, params, recipe, dist.device)
+            n = shard.stop - shard.start
+            writer.write_shard(shard.index, logits.reshape(n, recipe.views, -1), params.reshape(n, recipe.views, P))
+            done += len(index)
+            rate = done / (time.perf_counter() - start_time)
+            if dist.main:
+                log(f"cache: shard {shard.index + 1}/{writer.layout.n_shards}  {done:,}/{total:,} views  "
+                    f"{rate * dist.world:,.0f} img/s  ETA {(total - done) / max(rate, 1e-9):,.0f}s", flush=True)
     return done
 
 

@@ -32,8 +32,12 @@ def test_bsce_favours_rare_class_logits():
 
 
 def test_bsce_refuses_empty_classes_and_unknown_loss():
-    with pytest.raises(ValueError, match="every class"):
-        BalancedSoftmax(torch.tensor([3, 0]))
+    with pytest.raises(ValueError, match="non-negative"):
+        BalancedSoftmax(torch.tensor([3, -1]))
+    # an empty class drops out of the softmax: the loss equals BSCE over the other classes
+    three = BalancedSoftmax(torch.tensor([3, 0, 2]))({"logits": torch.tensor([[0.5, 4.0, -1.0]])}, torch.tensor([2]))
+    two = BalancedSoftmax(torch.tensor([3, 2]))({"logits": torch.tensor([[0.5, -1.0]])}, torch.tensor([1]))
+    assert three["loss"].item() == pytest.approx(two["loss"].item(), rel=1e-6)
     with pytest.raises(ValueError, match="unknown loss"):
         build_loss("focal", torch.tensor([1, 1]))
 
