@@ -160,5 +160,8 @@ bench-cache: $(STAMP) $(FMNIST) ## dump vs forward-only images/s, codec fidelity
 	$(VENV)/bin/python benchmarks/bench_cache.py
 	$(VENV)/bin/python benchmarks/bench_store.py
 
+bench-student: $(STAMP) $(FMNIST) ## epoch time: plain BSCE vs cached DiVE vs online DiVE, and store wait
+	$(VENV)/bin/python benchmarks/bench_student.py
+
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)
