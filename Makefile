@@ -163,5 +163,8 @@ bench-cache: $(STAMP) $(FMNIST) ## dump vs forward-only images/s, codec fidelity
 bench-student: $(STAMP) $(FMNIST) ## epoch time: plain BSCE vs cached DiVE vs online DiVE, and store wait
 	$(VENV)/bin/python benchmarks/bench_student.py
 
+gpu-check: $(STAMP) ## on a GPU machine: mixed (nvJPEG) vs CPU decoding, and a short dump on the GPU
+	PYTHON=$(VENV)/bin/python bash scripts/gpu_check.sh
+
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)
