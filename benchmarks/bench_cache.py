@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import recipe_for  # noqa: E402
 from pipeline.data import make_executor  # noqa: E402
+from pipeline.distill import row_order  # noqa: E402
 from pipeline.distributed import Dist  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.sources import load_source  # noqa: E402
@@ -33,23 +34,23 @@ from store.schema import Layout  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
 
 
-def forward_only(recipe, model, executor, writer_layout, device) -> float:
+def forward_only(recipe, model, executor, writer_layout, rows, device) -> float:
     """Seconds to run the teacher over every shard's views, without storing anything."""
     start = time.perf_counter()
     for k in range(writer_layout.n_shards):
         lo, hi = writer_layout.shard_range(k)
-        index, params = shard_views(recipe, executor, lo, hi)
+        index, params = shard_views(recipe, executor, rows[lo:hi])
         teacher_logits(model, executor, index, params, recipe, device)
     return time.perf_counter() - start
 
 
-def one_dump(recipe, model, executor, source, path: Path, device) -> tuple[float, int]:
+def one_dump(recipe, model, executor, source, rows, path: Path, device) -> tuple[float, int]:
     """Seconds for the stage's dump into a new store at ``path`` (closed, complete), and its bytes."""
     start = time.perf_counter()
     writer = StoreWriter.create_or_resume(path, len(source.train), recipe.views, source.num_classes, recipe.codec,
-                                          source.train.labels, source.train.ids, source.class_counts,
+                                          source.train.labels[rows], source.train.ids[rows], source.class_counts,
                                           {"recipe": recipe.to_dict(), "view_spec": {}, "fingerprints": {}})
-    dump(recipe, model, executor, writer, Dist(device=device), log=lambda *a, **k: None)
+    dump(recipe, model, executor, writer, rows, Dist(device=device), log=lambda *a, **k: None)
     writer.mark_complete()
     return time.perf_counter() - start, directory_bytes(path)
 
@@ -76,8 +77,9 @@ def main() -> None:
     try:
         for r in range(args.repeats):
             layout = Layout.choose(len(source.train), args.views, source.num_classes, 8, codecs.check(args.codec))
-            fwd.append(forward_only(recipe, model, executor, layout, device))
-            seconds, size = one_dump(recipe, model, executor, source, root / f"s{r}.zarr", device)
+            rows = row_order(len(source.train), recipe.view_seed)
+            fwd.append(forward_only(recipe, model, executor, layout, rows, device))
+            seconds, size = one_dump(recipe, model, executor, source, rows, root / f"s{r}.zarr", device)
             dmp.append(seconds)
             sizes.append(size)
     finally:

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import recipe_for  # noqa: E402
 from pipeline.data import ViewLoader, make_executor  # noqa: E402
-from pipeline.distill import CachedTargets, OnlineTargets  # noqa: E402
+from pipeline.distill import CachedTargets, OnlineTargets, row_order  # noqa: E402
 from pipeline.distributed import Dist  # noqa: E402
 from pipeline.losses import BalancedSoftmax, DiVELoss  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
@@ -43,9 +43,11 @@ def model_for(recipe, source, device):
 
 def write_cache(recipe, source, teacher, executor, path: Path, device) -> LogitStore:
     attrs = {"recipe": recipe.to_dict(), "view_spec": {}, "fingerprints": {}, "view_seed": recipe.view_seed}
+    rows = row_order(len(source.train), recipe.view_seed)
     writer = StoreWriter.create_or_resume(path, len(source.train), recipe.views, source.num_classes, recipe.codec,
-                                          source.train.labels, source.train.ids, source.class_counts, attrs)
-    dump(recipe, teacher, executor, writer, Dist(device=device), log=lambda *a, **k: None)
+                                          source.train.labels[rows], source.train.ids[rows], source.class_counts,
+                                          attrs)
+    dump(recipe, teacher, executor, writer, rows, Dist(device=device), log=lambda *a, **k: None)
     writer.mark_complete()
     return LogitStore.open(path)
 
@@ -66,8 +68,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_student."))
     try:
         store = write_cache(recipe, source, teacher, executor, root / "logits.zarr", device)
-        cached = CachedTargets(store, executor, recipe.batch_size, seed=0)
-        online = OnlineTargets.like(store, teacher, recipe.view_spec(), executor, recipe.batch_size, 0, device,
+        cached = CachedTargets(store, source.train.ids, executor, recipe.batch_size, seed=0)
+        online = OnlineTargets.like(store, source.train, teacher, recipe.view_spec(), executor, recipe.batch_size, 0,
+                                    device,
                                     recipe.bf16, recipe.channels_last)
         plain = ViewLoader(source.train, recipe.view_spec(), executor, recipe.batch_size, 0, train=True)
         bsce = BalancedSoftmax(counts).to(device)

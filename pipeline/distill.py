@@ -3,6 +3,10 @@
 ``CachedTargets`` streams (views, logits) from the logit store, never loading the teacher. ``OnlineTargets``
 is the reference that proves the cache changes nothing: the same epoch plan and the same views, recomputed
 from (view seed, sample, view), with the teacher run live on each batch.
+
+The store's rows are the training samples in a seeded shuffled order (see ``row_order``), so that the
+chunk-local reading order still mixes classes when a dataset's files are sorted by class. A row's sample is
+found through its dataset id (``positions_of``).
 """
 from __future__ import annotations
 
@@ -21,14 +25,31 @@ from .train import autocast, to_device
 from .views import ViewSpec, view_params
 
 
+def row_order(n: int, view_seed: int) -> np.ndarray:
+    """Which training sample (position in the split) each store row holds: a seeded permutation."""
+    return np.random.default_rng([view_seed, 0x524F5753]).permutation(n).astype(np.int64)
+
+
+def positions_of(row_ids: np.ndarray, split_ids: np.ndarray) -> np.ndarray:
+    """Positions in the split of the samples with dataset ids ``row_ids``; every id must be in the split."""
+    order = np.argsort(split_ids, kind="stable")
+    found = np.searchsorted(split_ids, row_ids, sorter=order)
+    found = np.minimum(found, len(split_ids) - 1)
+    positions = order[found]
+    if not np.array_equal(split_ids[positions], row_ids):
+        raise ValueError("the store holds samples that are not in this dataset split")
+    return positions.astype(np.int64)
+
+
 class CachedTargets:
     """Batches of one epoch from the store: every sample once, through view ``view_for_epoch(epoch)``."""
 
-    def __init__(self, store: LogitStore, executor, batch_size: int, seed: int, rank: int = 0,
-                 world: int = 1) -> None:
+    def __init__(self, store: LogitStore, split_ids: np.ndarray, executor, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1) -> None:
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} does not divide among {world} processes")
         self.store, self.executor = store, executor
+        self.positions = positions_of(store.ids, split_ids)
         self.batch_size, self.seed, self.rank, self.world = batch_size // world, seed, rank, world
         self.labels = torch.from_numpy(store.labels)
         self.wait_seconds = 0.0  # time spent waiting for store data, summed over epochs
@@ -44,29 +65,33 @@ class CachedTargets:
             self.wait_seconds += time.perf_counter() - start
             if item is None:
                 return
-            index, _views, logits, params = item
-            yield Batch(self.executor.run(index, params), self.labels[index], index, params,
+            rows, _views, logits, params = item
+            index = self.positions[rows]
+            yield Batch(self.executor.run(index, params), self.labels[rows], index, params,
                         torch.from_numpy(logits))
 
 
 class OnlineTargets:
     """The same epochs as ``CachedTargets`` over a store's plan, with the teacher run on each replayed view."""
 
-    def __init__(self, teacher: torch.nn.Module, spec: ViewSpec, view_seed: int, n: int, v: int, chunk: int,
-                 labels: np.ndarray, executor, batch_size: int, seed: int, device: torch.device, bf16: bool,
-                 channels_last: bool, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, teacher: torch.nn.Module, spec: ViewSpec, view_seed: int, v: int, chunk: int,
+                 positions: np.ndarray, labels: np.ndarray, executor, batch_size: int, seed: int,
+                 device: torch.device, bf16: bool, channels_last: bool, rank: int = 0, world: int = 1) -> None:
         self.teacher, self.spec, self.view_seed = teacher.eval(), spec, view_seed
-        self.n, self.v, self.chunk, self.executor = n, v, chunk, executor
-        self.labels = torch.from_numpy(labels)
+        self.n, self.v, self.chunk, self.executor = len(positions), v, chunk, executor
+        self.positions = positions  # row -> sample position, as the store lays rows out
+        self.labels = torch.from_numpy(labels)  # by sample position
         self.batch_size, self.seed, self.rank, self.world = batch_size // world, seed, rank, world
         self.device, self.bf16, self.channels_last = device, bf16, channels_last
 
     @classmethod
-    def like(cls, store: LogitStore, teacher: torch.nn.Module, spec: ViewSpec, executor, batch_size: int,
-             seed: int, device: torch.device, bf16: bool, channels_last: bool, rank: int = 0, world: int = 1):
-        """An online reference with the epoch plan of ``store`` (its n, V and chunking; logits unread)."""
-        return cls(teacher, spec, int(store.attrs["view_seed"]), store.n, store.v, store.chunk, store.labels,
-                   executor, batch_size, seed, device, bf16, channels_last, rank, world)
+    def like(cls, store: LogitStore, split, teacher: torch.nn.Module, spec: ViewSpec, executor,
+             batch_size: int, seed: int, device: torch.device, bf16: bool, channels_last: bool, rank: int = 0,
+             world: int = 1):
+        """An online reference with the epoch plan of ``store`` (its rows, V and chunking; logits unread)."""
+        return cls(teacher, spec, int(store.attrs["view_seed"]), store.v, store.chunk,
+                   positions_of(store.ids, split.ids), split.labels, executor, batch_size, seed, device, bf16,
+                   channels_last, rank, world)
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
@@ -80,7 +105,7 @@ class OnlineTargets:
         view = view_for_epoch(epoch, self.v, self.seed)
         order = epoch_order(epoch, self.n, self.chunk, self.seed, self.rank, self.world)
         for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
+            index = self.positions[order[start:start + self.batch_size]]
             params = view_params(self.spec, self.view_seed, index, view, *self.executor.sizes(index))
             images = self.executor.run(index, params)
             yield Batch(images, self.labels[index], index, params, self.teacher_logits(images))

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import Recipe, recipe_from_dict
 from pipeline.data import make_executor
+from pipeline.distill import row_order
 from pipeline.distributed import Dist, barrier, init_from_env
 from pipeline.models import build_model
 from pipeline.sources import Source, load_source
@@ -79,16 +80,18 @@ def teacher_logits(model, executor, index: np.ndarray, params: np.ndarray, recip
     return np.concatenate(out)
 
 
-def shard_views(recipe: Recipe, executor, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every (sample, view) pair of rows [start, stop): sample indices and view parameters, sample-major."""
-    index = np.repeat(np.arange(start, stop), recipe.views)
-    views = np.tile(np.arange(recipe.views), stop - start)
+def shard_views(recipe: Recipe, executor, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (sample, view) pair of the samples at ``positions``: their indices and view parameters,
+    sample-major."""
+    index = np.repeat(positions, recipe.views)
+    views = np.tile(np.arange(recipe.views), len(positions))
     params = view_params(recipe.view_spec(), recipe.view_seed, index, views, *executor.sizes(index))
     return index, params
 
 
-def dump(recipe: Recipe, model, executor, writer: StoreWriter, dist: Dist, log) -> int:
-    """Compute and queue every shard this rank still owns; returns the number of images run."""
+def dump(recipe: Recipe, model, executor, writer: StoreWriter, rows: np.ndarray, dist: Dist, log) -> int:
+    """Compute and queue every shard this rank still owns (store row r holds sample ``rows[r]``); returns
+    the number of images run."""
     todo = writer.missing_shards(dist.rank, dist.world)
     total = sum(s.stop - s.start for s in todo) * recipe.views
     done, start_time = 0, time.perf_counter()
@@ -96,7 +99,7 @@ def dump(recipe: Recipe, model, executor, writer: StoreWriter, dist: Dist, log) 
         log(f"cache: resuming, {len(todo)} shards left for this rank")
     with writer:  # on any error, shards already queued are still written before it propagates
         for shard in todo:
-            index, params = shard_views(recipe, executor, shard.start, shard.stop)
+            index, params = shard_views(recipe, executor, rows[shard.start:shard.stop])
             logits = teacher_logits(model, executor, index, params, recipe, dist.device)
             n = shard.stop - shard.start
             writer.write_shard(shard.index, logits.reshape(n, recipe.views, -1), params.reshape(n, recipe.views, P))
@@ -128,14 +131,16 @@ def run(teacher_dir: Path, out: Path, overrides: dict | None = None, data_root: 
         log(f"cache: {n:,} images x {recipe.views} views of {recipe.dataset}, {c} classes, codec {recipe.codec}, "
             f"on {dist.device} x{dist.world}")
     attrs = {"recipe": recipe.to_dict(), "view_spec": dataclasses.asdict(recipe.view_spec()),
-             "view_seed": recipe.view_seed, "fingerprints": fingerprints(teacher_sha, source)}
-    writer = StoreWriter.create_or_resume(out / STORE, n, recipe.views, c, recipe.codec, source.train.labels,
-                                          source.train.ids, source.class_counts, attrs)
+             "view_seed": recipe.view_seed, "fingerprints": fingerprints(teacher_sha, source),
+             "row_order": "seeded permutation of the training split (pipeline.distill.row_order); ids name rows"}
+    rows = row_order(n, recipe.view_seed)
+    writer = StoreWriter.create_or_resume(out / STORE, n, recipe.views, c, recipe.codec, source.train.labels[rows],
+                                          source.train.ids[rows], source.class_counts, attrs)
     model = load_teacher(teacher_dir, dist.device, recipe.channels_last)
     executor = make_executor(source.train, recipe.view_spec(), source.mean, source.std, recipe.batch_size,
                              recipe.workers, dist.device)
     start = time.perf_counter()
-    images = dump(recipe, model, executor, writer, dist, log)
+    images = dump(recipe, model, executor, writer, rows, dist, log)
     barrier(dist)
     if dist.main:
         writer.mark_complete()

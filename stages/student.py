@@ -71,11 +71,13 @@ def run(cache_dir: Path, out: Path, overrides: dict | None = None, mode: str = "
     executor = make_executor(source.train, recipe.view_spec(), source.mean, source.std, local_batch,
                              recipe.workers, dist.device)
     if mode == "cached":
-        loader = CachedTargets(store, executor, recipe.batch_size, recipe.seed, dist.rank, dist.world)
+        loader = CachedTargets(store, source.train.ids, executor, recipe.batch_size, recipe.seed, dist.rank,
+                               dist.world)
     else:
         teacher = load_teacher(Path(cache_manifest["config"]["teacher"]), dist.device, recipe.channels_last)
-        loader = OnlineTargets.like(store, teacher, recipe.view_spec(), executor, recipe.batch_size, recipe.seed,
-                                    dist.device, recipe.bf16, recipe.channels_last, dist.rank, dist.world)
+        loader = OnlineTargets.like(store, source.train, teacher, recipe.view_spec(), executor, recipe.batch_size,
+                                    recipe.seed, dist.device, recipe.bf16, recipe.channels_last, dist.rank,
+                                    dist.world)
     loss = DiVELoss(torch.as_tensor(source.class_counts), recipe.tau, recipe.power, recipe.alpha).to(dist.device)
     loss_fn = lambda outputs, b: loss(outputs, b.labels.to(dist.device), b.teacher_logits.to(dist.device))  # noqa: E731
     tests = test_loader(recipe, source, dist.device) if dist.main else None

@@ -10,6 +10,7 @@ import torch
 import zarr
 
 from pipeline.data import TorchExecutor
+from pipeline.distill import positions_of, row_order
 from pipeline.sources import load_source
 from pipeline.train import autocast
 from stages.cache import load_teacher
@@ -31,7 +32,10 @@ def test_store_holds_what_the_stage_promises(small_cache):
     store = LogitStore.open(cache / "logits.zarr")
     source = load_source("fmnist-lt")
     assert (store.n, store.v, store.c, store.p) == (1236, 3, 10, 8)
-    assert np.array_equal(store.labels, source.train.labels) and np.array_equal(store.ids, source.train.ids)
+    rows = positions_of(store.ids, source.train.ids)  # rows hold the samples in a seeded shuffled order
+    assert sorted(rows) == list(range(store.n)) and not np.array_equal(rows, np.arange(store.n))
+    assert np.array_equal(rows, row_order(store.n, store.attrs["view_seed"]))
+    assert np.array_equal(store.labels, source.train.labels[rows])
     assert np.array_equal(store.class_counts, source.class_counts)
     assert store.fingerprints["samples"] == source.fingerprint()
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -45,8 +49,9 @@ def test_fidelity_replayed_views_give_the_stored_logits(small_cache):
     store = LogitStore.open(cache / "logits.zarr")
     source = load_source("fmnist-lt")
     rng = np.random.default_rng(0)
-    index, views = rng.choice(store.n, 64, replace=False), rng.integers(0, store.v, 64)
-    logits, params = store.read(index, views)
+    rows, views = rng.choice(store.n, 64, replace=False), rng.integers(0, store.v, 64)
+    logits, params = store.read(rows, views)
+    index = positions_of(store.ids[rows], source.train.ids)
     config = store.attrs["recipe"]
     executor = TorchExecutor(source.train.images, config["crop_size"], source.mean, source.std)
     model = load_teacher(teacher_dir, torch.device("cpu"), config["channels_last"])

@@ -11,6 +11,8 @@ import numpy as np
 import zarr
 from PIL import Image
 
+from pipeline.distill import row_order
+
 from .conftest import run_cli
 
 N, CLASSES = 300, 3
@@ -43,8 +45,8 @@ def test_imagenet_lt_files_train_cache_and_name_a_bad_image(tmp_path):
     lines = write_imagenet_lt(data)
     teacher, cache = tmp_path / "teacher", tmp_path / "cache"
     run_cli("teacher", "--dataset", "imagenet-lt", "--data-root", str(data), *TINY, "--out", str(teacher))
-    # damage an image of the second shard (rows 256..299): a truncated JPEG
-    bad = data / lines["train"][280].split()[0]
+    # damage an image stored in the second shard (store rows 256..299): a truncated JPEG
+    bad = data / lines["train"][int(row_order(N, 1)[280])].split()[0]
     good_bytes = bad.read_bytes()
     bad.write_bytes(good_bytes[: len(good_bytes) // 3])
     args = ["cache", "--teacher", str(teacher), "--set", "views=2", "--data-root", str(data), "--out", str(cache)]

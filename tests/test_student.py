@@ -30,8 +30,8 @@ def _loaders(teacher_dir, cache):
     source = load_source("fmnist-lt")
     executor = TorchExecutor(source.train.images, recipe.crop_size, source.mean, source.std)
     teacher = load_teacher(teacher_dir, torch.device("cpu"), recipe.channels_last)
-    cached = CachedTargets(store, executor, 128, seed=0)
-    online = OnlineTargets.like(store, teacher, recipe.view_spec(), executor, 128, 0, torch.device("cpu"),
+    cached = CachedTargets(store, source.train.ids, executor, 128, seed=0)
+    online = OnlineTargets.like(store, source.train, teacher, recipe.view_spec(), executor, 128, 0, torch.device("cpu"),
                                 recipe.bf16, recipe.channels_last)
     return store, source, cached, online
 
