@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Recipe, recipe_from_dict
+from pipeline.config import Recipe
 from pipeline.data import make_executor
 from pipeline.distill import row_order
 from pipeline.distributed import Dist, barrier, init_from_env
@@ -28,7 +28,7 @@ from store.manifest import ArtifactError, check_fingerprint, read_manifest, sha2
 from store.reader import LogitStore
 from store.writer import StoreWriter
 
-from .common import prepare_run_dir
+from .common import derived_recipe, prepare_run_dir
 
 STORE = "logits.zarr"
 CACHE_KEYS = ("views", "view_seed", "codec", "batch_size", "workers", "bf16", "channels_last")
@@ -36,12 +36,7 @@ CACHE_KEYS = ("views", "view_seed", "codec", "batch_size", "workers", "bf16", "c
 
 def cache_recipe(teacher_dir: Path, overrides: dict) -> Recipe:
     """The teacher's resolved recipe with cache-time keys (V, view seed, codec, batch) replaced."""
-    config = dict(read_manifest(teacher_dir, "teacher")["config"])
-    bad = set(overrides) - set(CACHE_KEYS)
-    if bad:
-        raise ArtifactError(f"the cache stage can only change {', '.join(CACHE_KEYS)}; got {sorted(bad)}")
-    config.update(overrides)
-    return recipe_from_dict({k: v for k, v in config.items() if k not in ("stage", "world")})
+    return derived_recipe(read_manifest(teacher_dir, "teacher")["config"], overrides, CACHE_KEYS, "cache")
 
 
 def load_teacher(teacher_dir: Path, device: torch.device, channels_last: bool) -> torch.nn.Module:

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Recipe
+from dataclasses import fields
+
+from pipeline.config import Recipe, recipe_from_dict
 from pipeline.metrics import accuracy_report
 from pipeline.train import load_checkpoint
 from store.manifest import ArtifactError, MANIFEST, write_json_atomic
@@ -54,3 +56,12 @@ def report_from_eval(result: dict[str, np.ndarray], class_counts: np.ndarray) ->
 def recipe_config(recipe: Recipe, **extra) -> dict:
     """The resolved config saved beside a stage's outputs."""
     return {**recipe.to_dict(), **extra}
+
+
+def derived_recipe(config: dict, overrides: dict, allowed: tuple[str, ...], stage: str) -> Recipe:
+    """An upstream stage's saved recipe with this stage's ``overrides``, which may only touch ``allowed``."""
+    bad = set(overrides) - set(allowed)
+    if bad:
+        raise ArtifactError(f"the {stage} stage can only change {', '.join(allowed)}; got {sorted(bad)}")
+    known = {f.name for f in fields(Recipe)}
+    return recipe_from_dict({k: v for k, v in {**config, **overrides}.items() if k in known})

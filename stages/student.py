@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Recipe, recipe_from_dict
+from pipeline.config import Recipe
 from pipeline.data import make_executor
 from pipeline.distill import CachedTargets, OnlineTargets
 from pipeline.distributed import barrier, init_from_env
@@ -20,8 +20,8 @@ from store.manifest import ArtifactError, read_manifest
 from store.reader import LogitStore
 
 from .cache import STORE, load_teacher
-from .common import prepare_run_dir
-from .teacher import build_for, finish, test_loader
+from .common import derived_recipe, prepare_run_dir
+from .teacher import finish, test_loader, trainable_model
 
 STUDENT_KEYS = ("tau", "power", "alpha", "model", "epochs", "lr", "seed", "batch_size", "weight_decay",
                 "warmup_epochs", "milestones", "gamma", "schedule", "momentum", "eval_every", "bf16",
@@ -31,12 +31,7 @@ MODES = ("cached", "online")
 
 def student_recipe(cache_dir: Path, overrides: dict) -> Recipe:
     """The cache's (teacher's) recipe with student-time keys replaced."""
-    config = dict(read_manifest(cache_dir, "cache")["config"])
-    bad = set(overrides) - set(STUDENT_KEYS)
-    if bad:
-        raise ArtifactError(f"a student can only change {', '.join(STUDENT_KEYS)}; got {sorted(bad)}")
-    config.update(overrides)
-    return recipe_from_dict({k: v for k, v in config.items() if k not in ("stage", "teacher", "teacher_sha256", "world")})
+    return derived_recipe(read_manifest(cache_dir, "cache")["config"], overrides, STUDENT_KEYS, "student")
 
 
 def open_cache(cache_dir: Path, source) -> LogitStore:
@@ -62,11 +57,7 @@ def run(cache_dir: Path, out: Path, overrides: dict | None = None, mode: str = "
     if dist.main:
         log(f"student: {recipe.model} from {cache_dir} ({store.n:,} images x {store.v} views), tau {recipe.tau}, "
             f"p {recipe.power}, alpha {recipe.alpha}, {recipe.epochs} epochs, mode {mode}, on {dist.device} x{dist.world}")
-    model = build_for(recipe, source).to(dist.device)
-    if recipe.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if dist.active:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+    model = trainable_model(recipe, source, dist)
     local_batch = recipe.batch_size // dist.world
     executor = make_executor(source.train, recipe.view_spec(), source.mean, source.std, local_batch,
                              recipe.workers, dist.device)

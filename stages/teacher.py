@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import Recipe
 from pipeline.data import ViewLoader, make_executor
-from pipeline.distributed import barrier, init_from_env
+from pipeline.distributed import Dist, barrier, init_from_env
 from pipeline.losses import build_loss
 from pipeline.metrics import format_table
 from pipeline.models import build_model
@@ -28,6 +28,14 @@ def build_for(recipe: Recipe, source: Source) -> torch.nn.Module:
     """The recipe's model for this source, seeded so every rank starts from the same weights."""
     torch.manual_seed(recipe.seed)
     return build_model(recipe.model, source.num_classes, in_channels(source))
+
+
+def trainable_model(recipe: Recipe, source: Source, dist: Dist) -> torch.nn.Module:
+    """The recipe's model on this rank's device, channels_last if asked, wrapped in DDP under torchrun."""
+    model = build_for(recipe, source).to(dist.device)
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
 
 
 def test_loader(recipe: Recipe, source: Source, device: torch.device, batch_size: int = 500) -> ViewLoader:
@@ -49,11 +57,7 @@ def run(recipe: Recipe, out: Path, data_root: Path | None = None, device: str = 
         log(f"teacher: {recipe.dataset} ({len(source.train)} train / {len(source.test)} test images, "
             f"{source.num_classes} classes, counts {counts.max()}..{counts.min()}), {recipe.model}, "
             f"loss {recipe.loss}, {recipe.epochs} epochs, batch {recipe.batch_size}, on {dist.device} x{dist.world}")
-    model = build_for(recipe, source).to(dist.device)
-    if recipe.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if dist.active:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+    model = trainable_model(recipe, source, dist)
     spec = recipe.view_spec()
     local_batch = recipe.batch_size // dist.world
     executor = make_executor(source.train, spec, source.mean, source.std, local_batch, recipe.workers, dist.device)

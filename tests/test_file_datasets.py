@@ -5,7 +5,6 @@ intact, and once the file is fixed a rerun finishes only what was missing.
 """
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import zarr
