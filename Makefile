@@ -34,6 +34,9 @@ STUDENT_MODEL ?=
 STUDENT_SET ?=
 MODE      ?= cached
 NAME      ?=
+# inspect
+AT        ?= 1,1 3,0.5
+FLATNESS  ?=
 # sweep grid
 TAUS      ?= 1 2 3 6 9
 POWERS    ?= 0.5 1
@@ -75,7 +78,7 @@ DIVE  := $(if $(filter 1,$(NPROC)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA_DEP := $(if $(and $(filter fmnist-lt,$(DATASET)),$(if $(DATA_ROOT),,yes)),$(FMNIST))
 
-.PHONY: help install test teacher cache student sweep report bench-cache bench-student gpu-check clean-venv
+.PHONY: help install test teacher cache student sweep report inspect bench-cache bench-student gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -141,6 +144,9 @@ sweep: $(CACHE_DIR)/manifest.json ## train students over TAUS x POWERS x SEEDS f
 	  $(MAKE) --no-print-directory student TAU=$$tau POWER=$$p STUDENT_SEED=$$seed || exit 1; \
 	done; done; done
 	$(MAKE) --no-print-directory report
+
+inspect: $(CACHE_DIR)/manifest.json ## virtual example distributions of the cache at AT="tau,p ..." (FLATNESS=)
+	$(DIVE) inspect --cache $(CACHE_DIR) $(foreach a,$(AT),--at $(a)) $(if $(FLATNESS),--flatness $(FLATNESS))
 
 report: $(STAMP) ## write runs/<dataset>/report.md: every teacher and student, mean and std over seeds
 	$(VENV)/bin/python -m stages.cli report --runs $(RUNS)/$(TAG)

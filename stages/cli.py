@@ -121,6 +121,33 @@ def report(runs: Path = typer.Option(Path("runs/fmnist-lt"), help="a dataset's r
 
 
 @app.command()
+def inspect(cache_dir: Path = typer.Option(..., "--cache", help="the cache's folder"),
+            pairs: Optional[List[str]] = typer.Option(None, "--at", help="TAU,P pair (repeatable; default 1,1 3,0.5)"),
+            flatness: Optional[float] = typer.Option(None, "--flatness",
+                                                     help="find the smallest tau whose min/max reaches this"),
+            out: Optional[Path] = typer.Option(None, help="output folder (default: CACHE/inspect)")) -> None:
+    """Virtual example distributions of a cache at any tau and p, without running the teacher."""
+    from stages import inspect as stage
+
+    try:
+        settings = [_pair(text) for text in (pairs or ["1,1", "3,0.5"])]
+        stage.run(cache_dir, out or cache_dir / "inspect", settings, flatness)
+    except (ConfigError, ArtifactError) as error:
+        _fail(error)
+
+
+def _pair(text: str) -> tuple[float, float]:
+    tau, _, power = text.partition(",")
+    try:
+        values = float(tau), float(power or 1)
+    except ValueError:
+        raise ConfigError(f"--at {text!r}: expected TAU,P such as 3,0.5") from None
+    if values[0] <= 0 or values[1] <= 0:
+        raise ConfigError(f"--at {text!r}: tau and p must be positive")
+    return values
+
+
+@app.command()
 def recipe(dataset: str = DatasetOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Print a dataset's resolved recipe."""
     try:
