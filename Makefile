@@ -96,7 +96,17 @@ help: ## list the targets and variables
 	@echo "  SET=\"key=value ...\"   any recipe override (see: .venv/bin/dive recipe --dataset $(DATASET))"
 	@echo "  NPROC=$(NPROC)   processes per node under torchrun (GPUs, or gloo on CPU)"
 	@echo "  DEVICE=$(DEVICE)   auto | cpu | cuda"
-	@echo "  RUNS=$(RUNS)   where run folders go; teacher folder: $(TEACHER_DIR)"
+	@echo "  RUNS=$(RUNS)   where run folders go"
+	@echo "  VIEWS CODEC CACHE_SET   cache: views per image (V), float16 | int8, other cache keys"
+	@echo "  TAU POWER ALPHA STUDENT_SEED STUDENT_EPOCHS STUDENT_MODEL STUDENT_SET   student settings"
+	@echo "  MODE=$(MODE)   cached | online (the teacher run live on the same views)"
+	@echo "  NAME=   student run name (default: from its settings)"
+	@echo "  TAUS=\"$(TAUS)\" POWERS=\"$(POWERS)\" SEEDS=\"$(SEEDS)\"   the sweep grid"
+	@echo "  AT=\"$(AT)\" FLATNESS=   inspect: tau,p pairs; smallest tau reaching a min/max target"
+	@echo
+	@echo "Folders now: teacher $(TEACHER_DIR)"
+	@echo "             cache   $(CACHE_DIR)"
+	@echo "             student $(STUDENT_DIR)"
 
 install: $(STAMP) ## make the virtual environment (.venv) and install the project into it
 
