@@ -18,12 +18,16 @@ from .cache import STORE
 
 
 def progress_bar(done: int, total: int) -> None:
-    """A one-line progress bar on stderr."""
-    width = 30
-    filled = int(width * done / total)
-    sys.stderr.write(f"\r  reading the store [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-    if done == total:
-        sys.stderr.write("\n")
+    """A progress bar on stderr: redrawn in place on a terminal, a line per 10 percent in a log."""
+    percent = 100 * done // total
+    if done < total and percent == 100 * (done - 1) // total:
+        return  # nothing new to show
+    tty = sys.stderr.isatty()
+    if not tty and done < total and percent % 10:
+        return
+    filled = 30 * done // total
+    line = f"  reading the store [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}%"
+    sys.stderr.write(f"\r{line}" + ("\n" if done == total else "") if tty else line + "\n")
     sys.stderr.flush()
 
 
