@@ -77,6 +77,7 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
 
 
 def _json_default(value: Any) -> Any:
+    """JSON for the numpy and path values artifacts carry; anything else is an error."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -84,6 +85,11 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, numpy scalars become Python)."""
+    return json.loads(json.dumps(value, default=_json_default))
 
 
 def write_manifest(out_dir: str | os.PathLike, stage: str, config: dict, inputs: dict[str, str],

@@ -19,16 +19,14 @@ file and a rename, once every shard is done. A file is also what Make can see.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zarr
 
 from store import codecs
-from store.manifest import ArtifactError
+from store.manifest import ArtifactError, jsonable
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE.json"
@@ -99,19 +97,6 @@ class Layout:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists, numpy scalars become Python)."""
-    def default(obj: Any) -> Any:
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-        if isinstance(obj, Path):
-            return str(obj)
-        raise TypeError(f"cannot store {type(obj).__name__} in the store's attributes")
-    return json.loads(json.dumps(value, default=default))
 
 
 def user_attrs(attrs: dict) -> dict:
