@@ -78,7 +78,7 @@ DIVE  := $(if $(filter 1,$(NPROC)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA_DEP := $(if $(and $(filter fmnist-lt,$(DATASET)),$(if $(DATA_ROOT),,yes)),$(FMNIST))
 
-.PHONY: help install test teacher cache student sweep report inspect bench-cache bench-student gpu-check clean-venv
+.PHONY: help install test teacher cache student sweep report inspect shift-eval bench-cache bench-student gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -157,6 +157,9 @@ sweep: $(CACHE_DIR)/manifest.json ## train students over TAUS x POWERS x SEEDS f
 
 inspect: $(CACHE_DIR)/manifest.json ## virtual example distributions of the cache at AT="tau,p ..." (FLATNESS=)
 	$(DIVE) inspect --cache $(CACHE_DIR) $(foreach a,$(AT),--at $(a)) $(if $(FLATNESS),--flatness $(FLATNESS))
+
+shift-eval: $(STAMP) ## every model on Forward/Backward label-shifted test sets, without and with PC
+	$(VENV)/bin/python -m stages.cli shift-eval --runs $(RUNS)/$(TAG)
 
 report: $(STAMP) ## write runs/<dataset>/report.md: every teacher and student, mean and std over seeds
 	$(VENV)/bin/python -m stages.cli report --runs $(RUNS)/$(TAG)

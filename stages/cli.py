@@ -147,6 +147,17 @@ def _pair(text: str) -> tuple[float, float]:
     return values
 
 
+@app.command("shift-eval")
+def shift_eval(runs: Path = typer.Option(Path("runs/fmnist-lt"), help="a dataset's run folder")) -> None:
+    """Top-1 of every trained model under test-time label shift (Forward / Backward), without and with PC."""
+    from stages import shift_eval as stage
+
+    try:
+        stage.run(runs)
+    except FileNotFoundError as error:
+        _fail(error)
+
+
 @app.command()
 def recipe(dataset: str = DatasetOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Print a dataset's resolved recipe."""
