@@ -52,13 +52,3 @@ def all_reduce_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
         values /= d.world
     return values
 
-
-def gather_arrays(array, d: Dist):
-    """Concatenate numpy arrays from every rank, in rank order (identity when alone)."""
-    if not d.active:
-        return array
-    import numpy as np
-
-    parts = [None] * d.world
-    dist.all_gather_object(parts, array)
-    return np.concatenate(parts)

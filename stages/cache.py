@@ -140,12 +140,11 @@ def run(teacher_dir: Path, out: Path, overrides: dict | None = None, data_root: 
     if dist.main:
         writer.mark_complete()
         store = LogitStore.open(out / STORE, expect=attrs["fingerprints"])
+        seconds, size = time.perf_counter() - start, directory_bytes(out / STORE)
         write_manifest(out, "cache", config, inputs={"teacher_model": teacher_sha, **attrs["fingerprints"]},
                        outputs={STORE: store.path.name}, extra={
-                           "layout": store.layout.to_dict(), "seconds": time.perf_counter() - start,
-                           "images": images, "bytes": directory_bytes(out / STORE)})
-        log(f"cache: wrote {out / STORE} ({directory_bytes(out / STORE) / 2**20:,.1f} MiB, layout "
-            f"{store.layout.to_dict()}) in {time.perf_counter() - start:,.0f}s")
+                           "layout": store.layout.to_dict(), "seconds": seconds, "images": images, "bytes": size})
+        log(f"cache: wrote {out / STORE} ({size / 2**20:,.1f} MiB, layout {store.layout.to_dict()}) in {seconds:,.0f}s")
     barrier(dist)
     return out / STORE
 

@@ -5,13 +5,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dataclasses import fields
 
 from pipeline.config import Recipe, recipe_from_dict
 from pipeline.metrics import accuracy_report
-from pipeline.train import load_checkpoint
 from store.manifest import ArtifactError, MANIFEST, write_json_atomic
 
 CONFIG = "config.json"
@@ -38,13 +36,6 @@ def prepare_run_dir(out: Path, config: dict) -> bool:
         manifest.touch()  # complete and current for this config: tell Make it is up to date
         return True
     return False
-
-
-def load_model_weights(model: torch.nn.Module, path: Path) -> dict:
-    """Load a stage's saved model file (weights only) into ``model``; returns its metadata."""
-    state = load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    return {k: v for k, v in state.items() if k != "model"}
 
 
 def report_from_eval(result: dict[str, np.ndarray], class_counts: np.ndarray) -> dict:

@@ -22,9 +22,11 @@ from .conftest import kill_after, needs_fmnist, run_cli
 pytestmark = needs_fmnist
 
 
-def _arrays(store_path):
-    group = zarr.open_group(str(store_path), mode="r")
-    return {name: group[name][:] for name in ("logits", "params", "labels", "ids", "class_counts")}
+def assert_same_store(a_path, b_path):
+    """Every array of two stores is equal, element for element."""
+    a, b = (zarr.open_group(str(p), mode="r") for p in (a_path, b_path))
+    for name in ("logits", "params", "labels", "ids", "class_counts"):
+        assert np.array_equal(a[name][:], b[name][:]), name
 
 
 def test_store_holds_what_the_stage_promises(small_cache):
@@ -75,9 +77,7 @@ def test_killed_dump_resumes_to_an_identical_store(small_cache, tmp_path):
         LogitStore.open(killed / "logits.zarr")
     proc = run_cli(*args)
     assert "resuming" in proc.stdout
-    a, b = _arrays(cache / "logits.zarr"), _arrays(killed / "logits.zarr")
-    for name in a:
-        assert np.array_equal(a[name], b[name]), name
+    assert_same_store(cache / "logits.zarr", killed / "logits.zarr")
 
 
 def test_two_process_dump_equals_single_process_dump(small_cache, tmp_path):
@@ -85,9 +85,7 @@ def test_two_process_dump_equals_single_process_dump(small_cache, tmp_path):
     out = tmp_path / "ddp"
     run_cli("cache", "--teacher", str(teacher), "--set", "views=3", "--out", str(out), nproc=2,
             env={"OMP_NUM_THREADS": "1"})
-    a, b = _arrays(cache / "logits.zarr"), _arrays(out / "logits.zarr")
-    for name in a:
-        assert np.array_equal(a[name], b[name]), name
+    assert_same_store(cache / "logits.zarr", out / "logits.zarr")
 
 
 def test_cache_refuses_a_teacher_of_another_split(small_cache, tmp_path):
