@@ -37,6 +37,9 @@ NAME      ?=
 # inspect
 AT        ?= 1,1 3,0.5
 FLATNESS  ?=
+# flatness (two-class experiment): Fashion-MNIST classes, default T-shirt/top (0) vs Bag (8)
+HEAD_CLASS ?= 0
+TAIL_CLASS ?= 8
 # sweep grid
 TAUS      ?= 1 2 3 6 9
 POWERS    ?= 0.5 1
@@ -78,7 +81,7 @@ DIVE  := $(if $(filter 1,$(NPROC)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA_DEP := $(if $(and $(filter fmnist-lt,$(DATASET)),$(if $(DATA_ROOT),,yes)),$(FMNIST))
 
-.PHONY: help install test teacher cache student sweep report inspect shift-eval bench-cache bench-student gpu-check clean-venv
+.PHONY: help install test teacher cache student sweep report inspect flatness shift-eval bench-cache bench-student gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -157,6 +160,10 @@ sweep: $(CACHE_DIR)/manifest.json ## train students over TAUS x POWERS x SEEDS f
 
 inspect: $(CACHE_DIR)/manifest.json ## virtual example distributions of the cache at AT="tau,p ..." (FLATNESS=)
 	$(DIVE) inspect --cache $(CACHE_DIR) $(foreach a,$(AT),--at $(a)) $(if $(FLATNESS),--flatness $(FLATNESS))
+
+flatness: $(STAMP) $(FMNIST) ## two-class experiment: head/tail accuracy against the virtual ratio R (HEAD_CLASS= TAIL_CLASS=)
+	$(VENV)/bin/python -m stages.cli flatness --head $(HEAD_CLASS) --tail $(TAIL_CLASS) \
+	  --out $(RUNS)/flatness$(if $(filter-out 0/8,$(HEAD_CLASS)/$(TAIL_CLASS)),-$(HEAD_CLASS)-$(TAIL_CLASS)) $(ROOT_ARG)
 
 shift-eval: $(STAMP) ## every model on Forward/Backward label-shifted test sets, without and with PC
 	$(VENV)/bin/python -m stages.cli shift-eval --runs $(RUNS)/$(TAG)

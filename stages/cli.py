@@ -159,6 +159,44 @@ def shift_eval(runs: Path = typer.Option(Path("runs/fmnist-lt"), help="a dataset
 
 
 @app.command()
+def flatness(out: Path = typer.Option(Path("runs/flatness"), help="output folder"),
+             head: int = typer.Option(0, help="head class (Fashion-MNIST 0..9; default 0, T-shirt/top)"),
+             tail: int = typer.Option(8, help="tail class (default 8, Bag)"),
+             sizes: Optional[List[str]] = typer.Option(None, "--sizes",
+                                                       help="HEAD/TAIL training sizes (repeatable; default "
+                                                            "5000/500 5000/50 500/50)"),
+             eps: Optional[List[float]] = typer.Option(None, "--eps", help="label-smoothing eps of the head "
+                                                                              "images (repeatable; default 0 .. 0.4)"),
+             runs: int = typer.Option(5, help="runs per point"),
+             steps: int = typer.Option(400, help="SGD steps per run"),
+             data_root: Optional[Path] = RootOpt) -> None:
+    """The two-class experiment (DiVE Appendix A): head and tail accuracy against the virtual ratio R."""
+    from pipeline.flatness import Schedule
+    from stages import flatness as stage
+
+    try:
+        pairs = [_sizes(text) for text in sizes] if sizes else list(stage.SIZES)
+        eps_list = list(eps) if eps else list(stage.EPS)
+        bad = [e for e in eps_list if not 0 <= e < 0.5]
+        if bad or runs < 1 or steps < 1:
+            raise ConfigError(f"--eps must be in [0, 0.5) (got {bad}), --runs and --steps at least 1")
+        stage.run(out, head, tail, pairs, eps_list, runs, Schedule(steps=steps), data_root)
+    except (ConfigError, DataError, ArtifactError) as error:
+        _fail(error)
+
+
+def _sizes(text: str) -> tuple[int, int]:
+    head, _, tail = text.partition("/")
+    try:
+        pair = int(head), int(tail)
+    except ValueError:
+        raise ConfigError(f"--sizes {text!r}: expected HEAD/TAIL such as 5000/50") from None
+    if min(pair) < 1:
+        raise ConfigError(f"--sizes {text!r}: both sizes must be at least 1")
+    return pair
+
+
+@app.command()
 def recipe(dataset: str = DatasetOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Print a dataset's resolved recipe."""
     try:

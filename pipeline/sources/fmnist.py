@@ -56,6 +56,12 @@ def _find(root: Path, stem: str) -> Path:
     raise DataError(f"fmnist-lt: {root / (stem + '.gz')} is missing. {HOW}")
 
 
+def load_full(root: Path | None = None) -> tuple[Split, Split]:
+    """The whole balanced Fashion-MNIST: (train, test) splits, images padded to 32x32."""
+    root = require_dir(Path(root) if root else DEFAULT_ROOT, "fmnist-lt", HOW)
+    return _split(root, "train", "train"), _split(root, "t10k", "test")
+
+
 def load(root: Path | None = None, imbalance: float = 100) -> Source:
     """Long-tailed Fashion-MNIST: class c keeps its first floor(500 * (1/IF)^(c/9)) training images."""
     root = require_dir(Path(root) if root else DEFAULT_ROOT, "fmnist-lt", HOW)
