@@ -81,7 +81,7 @@ DIVE  := $(if $(filter 1,$(NPROC)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA_DEP := $(if $(and $(filter fmnist-lt,$(DATASET)),$(if $(DATA_ROOT),,yes)),$(FMNIST))
 
-.PHONY: help install test teacher cache student sweep report inspect flatness shift-eval bench-cache bench-student gpu-check clean-venv
+.PHONY: help install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-student gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -164,6 +164,12 @@ inspect: $(CACHE_DIR)/manifest.json ## virtual example distributions of the cach
 flatness: $(STAMP) $(FMNIST) ## two-class experiment: head/tail accuracy against the virtual ratio R (HEAD_CLASS= TAIL_CLASS=)
 	$(VENV)/bin/python -m stages.cli flatness --head $(HEAD_CLASS) --tail $(TAIL_CLASS) \
 	  --out $(RUNS)/flatness$(if $(filter-out 0/8,$(HEAD_CLASS)/$(TAIL_CLASS)),-$(HEAD_CLASS)-$(TAIL_CLASS)) $(ROOT_ARG)
+
+tsne: $(STAMP) ## t-SNE of CE, BSCE and DiVE test features, one class per group (runs/<dataset>/analysis)
+	$(VENV)/bin/python -m stages.cli tsne --runs $(RUNS)/$(TAG) $(ROOT_ARG)
+
+samples: $(STAMP) ## a grid of test images DiVE gets right and CE or BSCE wrong (runs/<dataset>/analysis)
+	$(VENV)/bin/python -m stages.cli samples --runs $(RUNS)/$(TAG) $(ROOT_ARG)
 
 shift-eval: $(STAMP) ## every model on Forward/Backward label-shifted test sets, without and with PC
 	$(VENV)/bin/python -m stages.cli shift-eval --runs $(RUNS)/$(TAG)

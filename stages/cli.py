@@ -196,6 +196,51 @@ def _sizes(text: str) -> tuple[int, int]:
     return pair
 
 
+ModelOpt = typer.Option(None, "--model", help="METHOD=RUN_FOLDER to choose the CE, BSCE or DiVE run (repeatable; "
+                                               "default: the lowest-seed run of each, DiVE at the recipe's settings)")
+
+
+def _models(items: Optional[List[str]]) -> dict[str, Path]:
+    chosen = {}
+    for item in items or []:
+        method, _, folder = item.partition("=")
+        if method not in ("CE", "BSCE", "DiVE") or not folder:
+            raise ConfigError(f"--model {item!r}: expected CE=PATH, BSCE=PATH or DiVE=PATH")
+        chosen[method] = Path(folder)
+    return chosen
+
+
+@app.command()
+def tsne(runs: Path = typer.Option(Path("runs/fmnist-lt"), help="a dataset's run folder"),
+         out: Optional[Path] = typer.Option(None, help="output folder (default: RUNS/analysis)"),
+         classes: Optional[List[int]] = typer.Option(None, "--classes",
+                                                     help="classes to show (repeatable; default one per group)"),
+         models: Optional[List[str]] = ModelOpt, data_root: Optional[Path] = RootOpt) -> None:
+    """t-SNE of the penultimate-layer test features of CE, BSCE and DiVE (Appendix D)."""
+    from stages import analysis
+
+    try:
+        analysis.tsne(runs, out or runs / "analysis", list(classes or []) or None, _models(models), data_root)
+    except (ConfigError, DataError, ArtifactError) as error:
+        _fail(error)
+
+
+@app.command()
+def samples(runs: Path = typer.Option(Path("runs/fmnist-lt"), help="a dataset's run folder"),
+            out: Optional[Path] = typer.Option(None, help="output folder (default: RUNS/analysis)"),
+            limit: int = typer.Option(24, help="images in the grid"),
+            models: Optional[List[str]] = ModelOpt, data_root: Optional[Path] = RootOpt) -> None:
+    """A grid of test images DiVE gets right and CE or BSCE wrong (Appendix E)."""
+    from stages import analysis
+
+    try:
+        if limit < 1:
+            raise ConfigError(f"--limit {limit}: show at least one image")
+        analysis.samples(runs, out or runs / "analysis", limit, _models(models), data_root)
+    except (ConfigError, DataError, ArtifactError) as error:
+        _fail(error)
+
+
 @app.command()
 def recipe(dataset: str = DatasetOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Print a dataset's resolved recipe."""

@@ -1,0 +1,123 @@
+"""make tsne / make samples: which runs they pick, which images they show, and both targets end to end on run
+folders written here (the stages only read each run's manifest, metrics.json and eval.npz)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.sources.base import longtail_counts
+from stages.analysis import default_classes, pick_models, pick_samples
+from store.manifest import ArtifactError
+
+from .conftest import needs_fmnist, run_cli
+
+COUNTS = longtail_counts(10, 500, 100)  # fmnist-lt: 500 299 179 107 | 64 38 23 | 13 8 5
+
+
+def fake_run(folder, stage, config, labels, logits, features=None):
+    """A complete run folder as the teacher / student stages leave it."""
+    folder.mkdir(parents=True)
+    base = {"dataset": "fmnist-lt", "model": "resnet32", "epochs": 200}
+    metrics = {"top1": 50.0, "many": 50.0, "medium": 50.0, "few": 50.0}
+    (folder / "manifest.json").write_text(json.dumps({"stage": stage, "config": {**base, **config},
+                                                      "metrics": metrics}))
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "class_counts": COUNTS.tolist()}))
+    arrays = {"logits": logits.astype(np.float32), "labels": labels, "index": np.arange(len(labels))[::-1].copy()}
+    arrays = {k: v[::-1].copy() if k != "index" else v for k, v in arrays.items()}  # saved out of order
+    if features is not None:
+        arrays["features"] = features[::-1].astype(np.float16)
+    np.savez(folder / "eval.npz", **arrays)
+
+
+def one_hot_logits(pred, classes=10):
+    logits = np.zeros((len(pred), classes))
+    logits[np.arange(len(pred)), pred] = 5.0
+    return logits
+
+
+def make_runs(root, labels, preds, features=None):
+    cache = root / "cache-teacher-bsce-seed0"
+    fake_run(root / "teacher-ce-seed0", "teacher", {"loss": "ce", "seed": 0}, labels, one_hot_logits(preds["CE"]),
+             features)
+    fake_run(root / "teacher-ce-seed1", "teacher", {"loss": "ce", "seed": 1}, labels, one_hot_logits(labels))
+    fake_run(root / "teacher-bsce-seed0", "teacher", {"loss": "bsce", "seed": 0}, labels,
+             one_hot_logits(preds["BSCE"]), features)
+    student = {"loss": "bsce", "seed": 0, "alpha": 0.5, "mode": "cached", "cache": str(cache)}
+    fake_run(cache / "students" / "dive-tau9-p1-seed0", "student", {**student, "tau": 9.0, "power": 1.0}, labels,
+             one_hot_logits(labels))
+    fake_run(cache / "students" / "dive-seed0", "student", {**student, "tau": 3.0, "power": 0.5}, labels,
+             one_hot_logits(preds["DiVE"]), features)
+
+
+def test_pick_models_takes_lowest_seed_and_the_recipe_student(tmp_path):
+    labels = np.arange(20) % 10
+    make_runs(tmp_path, labels, {m: labels for m in ("CE", "BSCE", "DiVE")})
+    picked = pick_models(tmp_path)
+    assert picked["CE"].name == "teacher-ce-seed0"
+    assert picked["BSCE"].name == "teacher-bsce-seed0"
+    assert picked["DiVE"].name == "dive-seed0"  # tau 3, p 0.5, alpha 0.5: the fmnist-lt recipe's settings
+    other = tmp_path / "cache-teacher-bsce-seed0" / "students" / "dive-tau9-p1-seed0"
+    assert pick_models(tmp_path, {"DiVE": other})["DiVE"] == other
+
+
+def test_pick_models_names_what_is_missing(tmp_path):
+    labels = np.arange(20) % 10
+    fake_run(tmp_path / "teacher-bsce-seed0", "teacher", {"loss": "bsce", "seed": 0}, labels, one_hot_logits(labels))
+    with pytest.raises(ArtifactError, match="no complete CE, DiVE run.*make teacher LOSS=ce"):
+        pick_models(tmp_path)
+
+
+def test_default_classes_one_per_group():
+    assert COUNTS.tolist() == [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
+    # the member at position len // 2 by falling count: Many {0,1,2,3} -> 2, Medium {4,5,6} -> 5, Few {7,8,9} -> 8
+    assert default_classes(COUNTS) == [2, 5, 8]
+
+
+def test_pick_samples_by_hand():
+    labels = np.array([0, 9, 9, 5, 0, 9, 5])
+    preds = {"DiVE": np.array([0, 9, 9, 5, 1, 9, 5]),  # sample 4: DiVE wrong -> never shown
+             "CE":   np.array([1, 9, 8, 4, 2, 8, 4]),
+             "BSCE": np.array([0, 9, 8, 5, 2, 9, 4])}
+    evals = {m: {"logits": one_hot_logits(p)} for m, p in preds.items()}
+    # candidates: 0 (class 0, CE wrong), 2 (class 9, both wrong), 3 (class 5, CE wrong), 5 (class 9, CE wrong),
+    # 6 (class 5, both wrong). Classes rarest first: 9 (5 images), 5, 0; both-wrong first within a class.
+    assert pick_samples(evals, labels, COUNTS, 10).tolist() == [2, 6, 0, 5, 3]
+    assert pick_samples(evals, labels, COUNTS, 2).tolist() == [2, 6]
+
+
+@needs_fmnist
+def test_samples_target_end_to_end(tmp_path):
+    from pipeline.sources.fmnist import load_full
+
+    labels = load_full()[1].labels
+    rng = np.random.default_rng(0)
+    wrong = (labels + 1) % 10
+    chosen = rng.choice(len(labels), 30, replace=False)
+    ce = labels.copy()
+    ce[chosen] = wrong[chosen]
+    make_runs(tmp_path, labels, {"CE": ce, "BSCE": labels, "DiVE": labels})
+    run_cli("samples", "--runs", str(tmp_path), "--limit", "12")
+    out = json.loads((tmp_path / "analysis" / "samples.json").read_text())
+    assert out["count"] == 30 and len(out["rows"]) == 12
+    assert {r["test_index"] for r in out["rows"]} <= set(chosen.tolist())
+    assert (tmp_path / "analysis" / "samples.png").stat().st_size > 20_000
+    assert out["models"]["DiVE"].endswith("dive-seed0")
+
+
+@needs_fmnist
+def test_tsne_target_end_to_end(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 30)
+    centres = rng.normal(size=(10, 16)) * 4
+    features = centres[labels] + rng.normal(size=(300, 16))
+    make_runs(tmp_path, labels, {m: labels for m in ("CE", "BSCE", "DiVE")}, features)
+    run_cli("tsne", "--runs", str(tmp_path))
+    out = json.loads((tmp_path / "analysis" / "tsne.json").read_text())
+    assert out["classes"] == [2, 5, 8]
+    for method in ("CE", "BSCE", "DiVE"):
+        assert out["scores"][method]["silhouette_features"] > 0.5  # well separated clusters stay separated
+        assert out["scores"][method]["acc_8"] == 100.0
+    assert (tmp_path / "analysis" / "tsne.png").stat().st_size > 20_000
+    assert "| DiVE | dive-seed0 |" in (tmp_path / "analysis" / "tsne.md").read_text()
