@@ -39,7 +39,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Group runs that differ only in seed; mean and sample std (ddof 1) of each column."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
-        groups.setdefault(row["method"] + json.dumps(row["settings"], sort_keys=True), []).append(row)
+        members = groups.setdefault(row["method"] + json.dumps(row["settings"], sort_keys=True), [])
+        if all(m["seed"] != row["seed"] for m in members):  # one run per seed: a copied twin counts once
+            members.append(row)
     out = []
     for members in groups.values():
         entry = {"method": members[0]["method"], "settings": members[0]["settings"],

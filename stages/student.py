@@ -4,6 +4,8 @@ the reference that runs the teacher on the same views instead of reading the sto
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,11 +18,11 @@ from pipeline.losses import DiVELoss
 from pipeline.metrics import format_table
 from pipeline.sources import load_source
 from pipeline.train import fit, make_optimizer, unwrap
-from store.manifest import ArtifactError, read_manifest
+from store.manifest import MANIFEST, ArtifactError, read_manifest
 from store.reader import LogitStore
 
 from .cache import STORE, load_teacher
-from .common import derived_recipe, prepare_run_dir
+from .common import CONFIG, derived_recipe, prepare_run_dir
 from .teacher import finish, test_loader, trainable_model
 
 STUDENT_KEYS = ("tau", "power", "alpha", "model", "epochs", "lr", "seed", "batch_size", "weight_decay",
@@ -39,6 +41,32 @@ def open_cache(cache_dir: Path, source) -> LogitStore:
     return LogitStore.open(cache_dir / STORE, expect={"samples": source.fingerprint()})
 
 
+RESULTS = ("model.pt", "eval.npz", "metrics.json")
+
+
+def finished_twin(out: Path, config: dict) -> Path | None:
+    """A complete sibling run (another name for the same thing, e.g. ``dive-tau3-p0.5-seed0`` beside
+    ``dive-seed0``) whose saved config equals ``config``: training is deterministic, so it is this run."""
+    wanted = json.loads(json.dumps(config))
+    for sibling in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        if sibling == out or not (sibling / MANIFEST).is_file() or not (sibling / CONFIG).is_file():
+            continue
+        if json.loads((sibling / CONFIG).read_text()) == wanted and all((sibling / f).is_file() for f in RESULTS):
+            return sibling
+    return None
+
+
+def copy_run(src: Path, out: Path) -> None:
+    """Copy a finished run's results, then (last, as a stage does) its manifest."""
+    for name in RESULTS:
+        tmp = out / f".{name}.tmp"
+        shutil.copyfile(src / name, tmp)
+        os.replace(tmp, out / name)
+    tmp = out / f".{MANIFEST}.tmp"
+    shutil.copyfile(src / MANIFEST, tmp)
+    os.replace(tmp, out / MANIFEST)
+
+
 def run(cache_dir: Path, out: Path, overrides: dict | None = None, mode: str = "cached",
         data_root: Path | None = None, device: str = "auto", log=print) -> dict:
     """Train a DiVE student from ``cache_dir`` into ``out`` and return its test metrics."""
@@ -53,6 +81,14 @@ def run(cache_dir: Path, out: Path, overrides: dict | None = None, mode: str = "
               "cache_fingerprints": store.fingerprints, "world": dist.world}
     if prepare_run_dir(out, config):
         log(f"{out} is complete; nothing to do")
+        return read_manifest(out, "student")["metrics"]
+    twin = None if (out / "checkpoint.pt").exists() else finished_twin(out, config)
+    if twin is not None:
+        if dist.main:
+            log(f"{twin} is a complete student run of exactly this config (the same cache, settings and seed); "
+                f"copying its results into {out} instead of training it again")
+            copy_run(twin, out)
+        barrier(dist)
         return read_manifest(out, "student")["metrics"]
     if dist.main:
         log(f"student: {recipe.model} from {cache_dir} ({store.n:,} images x {store.v} views), tau {recipe.tau}, "

@@ -71,7 +71,7 @@ def test_every_epoch_visits_each_sample_once_with_a_fresh_view(small_cache):
 
 def test_student_trains_from_cache_resumes_and_refuses_another_split(small_cache, tmp_path):
     teacher, cache = small_cache
-    full, killed = tmp_path / "full", tmp_path / "killed"
+    full, killed = tmp_path / "a" / "full", tmp_path / "b" / "killed"  # apart, so neither is the other's twin
     proc = run_cli("student", "--cache", str(cache), *SHORT, "--out", str(full))
     assert "student (cached)" in proc.stdout and "teacher" in proc.stdout  # the two tables side by side
     manifest = json.loads((full / "manifest.json").read_text())
@@ -84,6 +84,15 @@ def test_student_trains_from_cache_resumes_and_refuses_another_split(small_cache
     a, b = load_checkpoint(full / "model.pt")["model"], load_checkpoint(killed / "model.pt")["model"]
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    # the same config under another name beside a finished run is that run: copied, not trained again
+    twin = tmp_path / "a" / "twin"
+    proc = run_cli("student", "--cache", str(cache), *SHORT, "--out", str(twin))
+    assert "copying its results" in proc.stdout and "epoch 1/2" not in proc.stdout
+    assert (twin / "model.pt").read_bytes() == (full / "model.pt").read_bytes()
+    assert json.loads((twin / "manifest.json").read_text())["metrics"] == manifest["metrics"]
+    from stages.report import collect, summarize
+    dive = [e for e in summarize(collect(tmp_path / "a")) if e["method"] == "DiVE"]
+    assert len(dive) == 1 and dive[0]["seeds"] == [0]  # one run per seed in the report
     # a cache whose store says it was made from another split is refused, naming the fingerprint
     other = tmp_path / "cache"
     shutil.copytree(cache, other)
