@@ -20,6 +20,8 @@ EPOCHS    ?=
 LR        ?=
 BATCH     ?=
 MODEL     ?=
+# RIDE (MODEL=ride): experts of the teacher (default 6) with `make teacher`, of the student (default 4) otherwise
+EXPERTS   ?=
 # cache
 VIEWS     ?=
 CODEC     ?=
@@ -52,8 +54,12 @@ export MALLOC_TOP_PAD_ := 1073741824
 
 empty :=
 space := $(empty) $(empty)
+TEACHER_GOAL := $(filter teacher,$(MAKECMDGOALS))
+T_EXPERTS := $(if $(TEACHER_GOAL),$(filter-out 6,$(EXPERTS)))
+S_EXPERTS := $(if $(TEACHER_GOAL),,$(EXPERTS))
 USER_SET  := $(strip $(SET) $(if $(EPOCHS),epochs=$(EPOCHS)) $(if $(LR),lr=$(LR)) \
-                     $(if $(BATCH),batch_size=$(BATCH)) $(if $(MODEL),model=$(MODEL)))
+                     $(if $(BATCH),batch_size=$(BATCH)) $(if $(MODEL),model=$(MODEL)) \
+                     $(if $(T_EXPERTS),experts=$(T_EXPERTS)))
 # A run folder's name says what differs from the recipe, so two configs never share a folder.
 SUFFIX    := $(if $(USER_SET),-$(subst /,_,$(subst =,,$(subst $(space),_,$(USER_SET)))))
 SET_ARGS  := $(foreach kv,imbalance=$(IF) $(USER_SET),--set $(kv))
@@ -67,7 +73,7 @@ CACHE_ALL    := $(strip $(CACHE_SET) $(if $(VIEWS),views=$(VIEWS)) $(if $(CODEC)
 CACHE_DIR    := $(RUNS)/$(TAG)/cache-$(TEACHER_NAME)$(if $(CACHE_ALL),-$(subst =,,$(subst $(space),_,$(CACHE_ALL))))
 
 STUDENT_ALL  := $(strip $(STUDENT_SET) $(if $(STUDENT_EPOCHS),epochs=$(STUDENT_EPOCHS)) \
-                        $(if $(STUDENT_MODEL),model=$(STUDENT_MODEL)))
+                        $(if $(STUDENT_MODEL),model=$(STUDENT_MODEL)) $(if $(S_EXPERTS),experts=$(S_EXPERTS)))
 STUDENT_OPTS := $(if $(TAU),--tau $(TAU)) $(if $(POWER),--power $(POWER)) $(if $(ALPHA),--alpha $(ALPHA)) \
                 --seed $(STUDENT_SEED) --mode $(MODE) $(foreach kv,$(STUDENT_ALL),--set $(kv))
 STUDENT_NAME := $(or $(NAME),dive$(if $(TAU),-tau$(TAU))$(if $(POWER),-p$(POWER))$(if $(ALPHA),-a$(ALPHA))$(if \
@@ -102,6 +108,7 @@ help: ## list the targets and variables
 	@echo "  RUNS=$(RUNS)   where run folders go"
 	@echo "  VIEWS CODEC CACHE_SET   cache: views per image (V), float16 | int8, other cache keys"
 	@echo "  TAU POWER ALPHA STUDENT_SEED STUDENT_EPOCHS STUDENT_MODEL STUDENT_SET   student settings"
+	@echo "  MODEL=ride EXPERTS=   RIDE multi-expert models: teacher 6 experts (make teacher), student 4"
 	@echo "  MODE=$(MODE)   cached | online (the teacher run live on the same views)"
 	@echo "  NAME=   student run name (default: from its settings)"
 	@echo "  TAUS=\"$(TAUS)\" POWERS=\"$(POWERS)\" SEEDS=\"$(SEEDS)\"   the sweep grid"

@@ -48,6 +48,11 @@ class Recipe:
     views: int = 200  # V, teacher views per image in the cache
     view_seed: int = 1  # seed of the cached views (training views use ``seed``)
     codec: str = "float16"  # how the cache stores logits: float16 or int8
+    # RIDE multi-expert models (model=ride: the dataset's backbone as a RIDE model)
+    experts: int = 0  # experts of a RIDE model; 0: the stage's default (6 for a teacher, 4 for a student)
+    diversity: float = -0.2  # weight of RIDE's diversity term for a RIDE teacher (negative: experts differ)
+    router_epochs: int = 5  # epochs of the expert-assignment router, trained last with the experts frozen
+    router_threshold: float = 0.5  # consult the next expert while the router's probability exceeds this
     # run
     loss: str = "bsce"
     seed: int = 0
@@ -66,7 +71,17 @@ class Recipe:
         for name in ("epochs", "batch_size", "crop_size", "views"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.experts < 0 or self.router_epochs < 0 or not 0 <= self.router_threshold <= 1:
+            raise ConfigError(f"experts and router_epochs must be >= 0 and router_threshold in [0, 1]; got "
+                              f"{self.experts}, {self.router_epochs}, {self.router_threshold}")
         self.view_spec()  # validates aug
+        if self.model == "ride":  # the dataset's own backbone, as a RIDE multi-expert model
+            base = RECIPES[self.dataset].model if self.dataset in RECIPES else "resnet32"
+            object.__setattr__(self, "model", f"ride_{base}")
+
+    @property
+    def is_ride(self) -> bool:
+        return self.model.startswith("ride_")
 
     def view_spec(self) -> ViewSpec:
         """The training-view definition this recipe draws from."""

@@ -85,6 +85,69 @@ class DiVELoss:
 
     def __call__(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor,
                  teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        bsce = self.bsce(outputs, labels)["bsce"]
-        kd = kd_term(outputs["logits"], soft_targets(teacher_logits, self.tau, self.power), self.tau)
-        return {"loss": (1 - self.alpha) * bsce + self.alpha * kd, "bsce": bsce, "kd": kd}
+        targets = soft_targets(teacher_logits, self.tau, self.power)
+        if "expert_logits" in outputs:  # RIDE-DiVE: every expert learns from the targets; summed over experts
+            parts = [self._one(z, labels, targets) for z in outputs["expert_logits"]]
+            return {"loss": torch.stack([p[0] for p in parts]).sum(),
+                    "bsce": torch.stack([p[1] for p in parts]).mean(), "kd": torch.stack([p[2] for p in parts]).mean()}
+        loss, bsce, kd = self._one(outputs["logits"], labels, targets)
+        return {"loss": loss, "bsce": bsce, "kd": kd}
+
+    def _one(self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor):
+        bsce = balanced_softmax_ce(logits, labels, self.bsce.log_prior)
+        kd = kd_term(logits, targets, self.tau)
+        return (1 - self.alpha) * bsce + self.alpha * kd, bsce, kd
+
+
+# --- RIDE multi-expert losses -----------------------------------------------------------------------------
+
+
+def diversity_temperatures(class_counts: torch.Tensor, base: float = 1.0, reweight: float = 0.05) -> torch.Tensor:
+    """RIDE's class-dependent temperature T_c = base * w_c / max(w), w_c = C * p_c * r + 1 - r, with p_c the
+    class frequency and r the reweight factor: 1 for the most frequent class, a little lower for rarer ones."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float32)
+    p = counts / counts.sum()
+    w = len(counts) * p * reweight + 1 - reweight
+    return base * w / w.max()
+
+
+def diversity_term(expert_logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """T_mean^2 * KL(softmax(mean / T) || softmax(expert / T)) for one expert, averaged over the batch, where
+    ``mean`` is the experts' mean logits (a fixed target, no gradient) and T is per class."""
+    with torch.no_grad():
+        target = torch.softmax(expert_logits.mean(0).float() / temperature, dim=-1)
+    t_mean = float(temperature.mean())
+    terms = []
+    for logits in expert_logits:
+        log_q = torch.log_softmax(logits.float() / temperature, dim=-1)
+        kl = (target * (torch.log(target.clamp_min(1e-30)) - log_q)).sum(-1).mean()
+        terms.append(t_mean * t_mean * kl)
+    return torch.stack(terms)
+
+
+class RIDELoss:
+    """A RIDE teacher's loss: for every expert, its own base loss (BSCE in place of RIDE's LDAM, or CE) plus
+    ``diversity`` (negative: the experts are pushed apart) times its diversity term; summed over experts."""
+
+    def __init__(self, base: str, class_counts: torch.Tensor, diversity: float = -0.2) -> None:
+        self.base = build_loss(base, class_counts)
+        self.key = "bsce" if base == "bsce" else "ce"
+        self.temperature = diversity_temperatures(class_counts)
+        self.diversity = diversity
+
+    def to(self, device: torch.device) -> "RIDELoss":
+        if hasattr(self.base, "to"):
+            self.base.to(device)
+        self.temperature = self.temperature.to(device)
+        return self
+
+    def __call__(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        experts = outputs["expert_logits"]
+        base = torch.stack([self.base({"logits": z}, labels)["loss"] for z in experts])
+        div = diversity_term(experts, self.temperature)
+        return {"loss": (base + self.diversity * div).sum(), self.key: base.mean(), "diversity": div.mean()}
+
+
+def build_teacher_loss(name: str, class_counts: torch.Tensor, ride: bool = False, diversity: float = -0.2):
+    """The teacher's loss: ``name`` (bsce or ce), per expert with RIDE's diversity term for a RIDE model."""
+    return RIDELoss(name, class_counts, diversity) if ride else build_loss(name, class_counts)

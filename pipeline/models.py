@@ -94,10 +94,15 @@ class TorchvisionNet(nn.Module):
         return {"logits": classify(self.fc, feats), "features": feats}
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """Build backbone ``name`` for ``num_classes`` classes and ``in_channels`` input channels."""
+def build_model(name: str, num_classes: int, in_channels: int = 3, experts: int = 0) -> nn.Module:
+    """Build backbone ``name`` for ``num_classes`` classes and ``in_channels`` input channels.
+    ``ride_<backbone>`` is that backbone as a RIDE model with ``experts`` experts (see ``pipeline.ride``)."""
+    if name.startswith("ride_"):
+        from .ride import build_ride
+
+        return build_ride(name.removeprefix("ride_"), num_classes, in_channels, experts)
     if name == "resnet32":
         return ResNet32(num_classes, in_channels)
     if name in ("resnet50", "resnext50_32x4d"):
         return TorchvisionNet(name, num_classes, in_channels)
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}, ride (or ride_<model>)")

@@ -42,7 +42,8 @@ def cache_recipe(teacher_dir: Path, overrides: dict) -> Recipe:
 def load_teacher(teacher_dir: Path, device: torch.device, channels_last: bool) -> torch.nn.Module:
     """The teacher's final weights (loaded weights-only), in eval mode."""
     state = load_checkpoint(teacher_dir / "model.pt")
-    model = build_model(state["model_name"], state["num_classes"], state["in_channels"])
+    model = build_model(state["model_name"], state["num_classes"], state["in_channels"],
+                        state.get("config", {}).get("experts", 0))
     model.load_state_dict(state["model"])
     model = model.to(device).eval()
     return model.to(memory_format=torch.channels_last) if channels_last else model

@@ -52,7 +52,10 @@ def _overrides(items: Optional[List[str]]) -> dict:
     base = RECIPES["fmnist-lt"]
     typed = apply_overrides(base, items)
     keys = [item.partition("=")[0].strip().replace("-", "_") for item in items]
-    return {k: getattr(typed, k) for k in keys}
+    values = {k: getattr(typed, k) for k in keys}
+    if values.get("model", "").startswith("ride_"):  # model=ride: resolved against the run's own dataset
+        values["model"] = next(i.partition("=")[2].strip() for i in items if i.partition("=")[0].strip() == "model")
+    return values
 
 
 @app.command()

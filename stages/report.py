@@ -11,8 +11,8 @@ from pipeline.sources.base import GROUPS
 
 COLUMNS = ("top1", *GROUPS)
 # The settings that name a row; a row's seeds are averaged. Everything else is the recipe's default.
-TEACHER_KEYS = ("model", "epochs")
-STUDENT_KEYS = ("model", "epochs", "tau", "power", "alpha", "mode")
+TEACHER_KEYS = ("model", "epochs", "experts")
+STUDENT_KEYS = ("model", "epochs", "tau", "power", "alpha", "mode", "experts")
 
 
 def collect(runs: Path) -> list[dict]:
@@ -23,15 +23,24 @@ def collect(runs: Path) -> list[dict]:
         if data.get("stage") not in ("teacher", "student") or "metrics" not in data:
             continue
         config = data["config"]
+        ride = config["model"].startswith("ride_")
         if data["stage"] == "teacher":
             method = {"bsce": "BSCE (teacher)", "ce": "CE"}.get(config["loss"], config["loss"])
-            settings = {k: config[k] for k in TEACHER_KEYS}
+            if ride:
+                method = f"RIDE, {method}"
+            settings = {k: config.get(k, 0) for k in TEACHER_KEYS}
         else:
-            method = "DiVE"
-            settings = {k: config[k] for k in STUDENT_KEYS}
+            method = "RIDE-DiVE" if ride else "DiVE"
+            settings = {k: config.get(k, 0) for k in STUDENT_KEYS}
             settings["teacher"] = Path(config["cache"]).name.removeprefix("cache-")
-        rows.append({"method": method, "settings": settings, "seed": config["seed"], "path": str(manifest.parent),
-                     **{k: data["metrics"][k] for k in COLUMNS}})
+        metrics = data["metrics"]
+        base = {"settings": settings, "seed": config["seed"], "path": str(manifest.parent)}
+        rows.append({"method": method, **base, **{k: metrics[k] for k in COLUMNS},
+                     "experts": metrics.get("experts", 1), "gflops": metrics.get("gflops", float("nan"))})
+        if "router" in metrics:  # a routed RIDE student: a row of its own
+            routed = metrics["router"]
+            rows.append({"method": f"{method} + router", **base, **{k: routed[k] for k in COLUMNS},
+                         "experts": routed["experts"], "gflops": routed["gflops"]})
     return rows
 
 
@@ -46,11 +55,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     for members in groups.values():
         entry = {"method": members[0]["method"], "settings": members[0]["settings"],
                  "seeds": sorted(m["seed"] for m in members)}
-        for col in COLUMNS:
+        for col in (*COLUMNS, "experts", "gflops"):
             values = np.array([m[col] for m in members], dtype=float)
             entry[col] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan"))
         out.append(entry)
-    return sorted(out, key=lambda e: ({"CE": 0, "BSCE (teacher)": 1}.get(e["method"], 2), -e["top1"][0]))
+    order = {"CE": 0, "BSCE (teacher)": 1, "DiVE": 2, "RIDE, BSCE (teacher)": 3}
+    return sorted(out, key=lambda e: (order.get(e["method"], 4), -e["top1"][0]))
 
 
 def _cell(mean: float, std: float) -> str:
@@ -58,23 +68,30 @@ def _cell(mean: float, std: float) -> str:
 
 
 def _settings(method: str, settings: dict) -> str:
-    if method == "DiVE":
+    model = settings["model"]
+    if settings.get("experts"):
+        model = f"{model} x{settings['experts']}"
+    if "DiVE" in method:
         text = f"tau {settings['tau']:g}, p {settings['power']:g}, alpha {settings['alpha']:g}"
         if settings.get("mode") == "online":
             text += ", online"
-        return text + f"; {settings['model']}, {settings['epochs']} ep; from {settings['teacher']}"
-    return f"{settings['model']}, {settings['epochs']} ep"
+        return text + f"; {model}, {settings['epochs']} ep; from {settings['teacher']}"
+    return f"{model}, {settings['epochs']} ep"
 
 
 def markdown(entries: list[dict], title: str) -> str:
     """The report as a Markdown table."""
-    lines = [f"# {title}", "", "| method | settings | seeds | top-1 | Many | Medium | Few |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"# {title}", "", "| method | settings | seeds | top-1 | Many | Medium | Few | experts | GFLOPs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         cells = " | ".join(_cell(*e[c]) for c in COLUMNS)
         seeds = ",".join(str(s) for s in e["seeds"])
-        lines.append(f"| {e['method']} | {_settings(e['method'], e['settings'])} | {seeds} | {cells} |")
-    lines += ["", "Mean ± sample std over seeds (where there are several); accuracies in percent on the test split."]
+        experts, gflops = e["experts"][0], e["gflops"][0]
+        cost = f"{experts:.3g} | " + ("-" if np.isnan(gflops) else f"{gflops:.3f}")
+        lines.append(f"| {e['method']} | {_settings(e['method'], e['settings'])} | {seeds} | {cells} | {cost} |")
+    lines += ["", "Mean ± sample std over seeds (where there are several); accuracies in percent on the test split.",
+              "experts: experts consulted per test image (1 for a single model); GFLOPs: per image, 2 x the "
+              "multiply-accumulates of the convolutions and linear layers run (- where the run predates the count)."]
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -27,13 +30,24 @@ from .teacher import finish, test_loader, trainable_model
 
 STUDENT_KEYS = ("tau", "power", "alpha", "model", "epochs", "lr", "seed", "batch_size", "weight_decay",
                 "warmup_epochs", "milestones", "gamma", "schedule", "momentum", "eval_every", "bf16",
-                "channels_last", "workers")
+                "channels_last", "workers", "experts", "router_epochs", "router_threshold")
+# RIDE-DiVE (the DiVE paper's multi-expert student): 4 experts, alpha 0.75, tau 3 on ImageNet-LT.
+RIDE_STUDENT = {"experts": 4, "alpha": 0.75}
+RIDE_STUDENT_TAU = {"imagenet-lt": 3.0}
 MODES = ("cached", "online")
 
 
 def student_recipe(cache_dir: Path, overrides: dict) -> Recipe:
-    """The cache's (teacher's) recipe with student-time keys replaced."""
-    return derived_recipe(read_manifest(cache_dir, "cache")["config"], overrides, STUDENT_KEYS, "student")
+    """The cache's (teacher's) recipe with student-time keys replaced. A RIDE student takes RIDE-DiVE's
+    defaults (4 experts, alpha 0.75, tau 3 on ImageNet-LT) where ``overrides`` does not say otherwise."""
+    config = dict(read_manifest(cache_dir, "cache")["config"])
+    config["experts"] = 0  # the teacher's expert count is the teacher's; the student has its own
+    recipe = derived_recipe(config, overrides, STUDENT_KEYS, "student")
+    if not recipe.is_ride:
+        return replace(recipe, experts=0)
+    defaults = {**RIDE_STUDENT, "tau": RIDE_STUDENT_TAU.get(recipe.dataset, recipe.tau)}
+    return replace(recipe, **{k: v for k, v in defaults.items() if k not in overrides or
+                              (k == "experts" and not overrides[k])})
 
 
 def open_cache(cache_dir: Path, source) -> LogitStore:
@@ -65,6 +79,40 @@ def copy_run(src: Path, out: Path) -> None:
     tmp = out / f".{MANIFEST}.tmp"
     shutil.copyfile(src / MANIFEST, tmp)
     os.replace(tmp, out / MANIFEST)
+
+
+def routed(recipe: Recipe, source, model, tests, out: Path, device: torch.device, log) -> dict:
+    """Train the expert-assignment router with the experts frozen, then test the routed model: accuracy,
+    experts consulted and GFLOPs per image. Saves ``router.pt`` and ``eval_routed.npz``."""
+    from pipeline.data import ViewLoader
+    from pipeline.ride import Router, evaluate_routed, gflops_per_image, routed_gflops, train_router
+    from pipeline.train import save_checkpoint
+
+    from .common import report_from_eval
+    from .teacher import in_channels
+
+    torch.manual_seed(recipe.seed)
+    router = Router(model.feature_dim, model.num_experts, source.num_classes,
+                    logit_scale=float(model.heads[0].scale)).to(device)
+    executor = make_executor(source.train, recipe.view_spec(), source.mean, source.std, recipe.batch_size,
+                             recipe.workers, device)
+    loader = ViewLoader(source.train, recipe.view_spec(), executor, recipe.batch_size, recipe.seed + 1, train=True)
+    log(f"router: {model.num_experts - 1} heads, {recipe.router_epochs} epochs with the experts frozen")
+    history = train_router(model, router, loader, recipe.router_epochs, device, recipe.bf16, recipe.channels_last,
+                           log=log)
+    result = evaluate_routed(model, router, tests.batches(), recipe.router_threshold, device, recipe.bf16,
+                             recipe.channels_last)
+    np.savez(out / "eval_routed.npz", **result)
+    save_checkpoint(out / "router.pt", {"router": router.state_dict(), "history": history})
+    report = report_from_eval(result, source.class_counts)
+    flops = gflops_per_image(model, (in_channels(source), recipe.crop_size, recipe.crop_size))
+    summary = {**{k: report[k] for k in ("top1", "many", "medium", "few")},
+               "experts": float(result["experts_used"].mean()), "threshold": recipe.router_threshold,
+               "gflops": routed_gflops(flops, router, result["experts_used"])}
+    log(f"routed (threshold {recipe.router_threshold:g}): top-1 {summary['top1']:.2f}  Many {summary['many']:.2f}  "
+        f"Medium {summary['medium']:.2f}  Few {summary['few']:.2f}  experts {summary['experts']:.2f} of "
+        f"{model.num_experts}  {summary['gflops']:.4f} GFLOPs/image (all experts: {flops['total']:.4f})")
+    return summary
 
 
 def run(cache_dir: Path, out: Path, overrides: dict | None = None, mode: str = "cached",
@@ -112,10 +160,12 @@ def run(cache_dir: Path, out: Path, overrides: dict | None = None, mode: str = "
                   log=log)
     metrics = {}
     if dist.main:
+        extra = {"store_wait_seconds": getattr(loader, "wait_seconds", 0.0)}
+        if recipe.is_ride and recipe.experts > 1 and recipe.router_epochs:
+            extra["router"] = routed(recipe, source, unwrap(model), tests, out, dist.device, log)
         metrics = finish(recipe, source, unwrap(model), tests, out, history, config, dist.device, log,
-                         stage="student", name=f"student (DiVE, {mode})",
-                         inputs={"cache": json.dumps(store.fingerprints, sort_keys=True)},
-                         extra={"store_wait_seconds": getattr(loader, "wait_seconds", 0.0)})
+                         stage="student", name=f"student ({'RIDE-' if recipe.is_ride else ''}DiVE, {mode})",
+                         inputs={"cache": json.dumps(store.fingerprints, sort_keys=True)}, extra=extra)
         teacher_dir = Path(cache_manifest["config"]["teacher"])
         if (teacher_dir / "metrics.json").is_file():
             teacher = json.loads((teacher_dir / "metrics.json").read_text())

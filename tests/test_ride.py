@@ -1,0 +1,154 @@
+"""RIDE multi-expert models: shared and per-expert parameters, the diversity term, the per-expert DiVE loss,
+the router, FLOPs, and the teacher -> cache -> student pipeline with MODEL=ride under torchrun."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pipeline.config import recipe_for
+from pipeline.losses import DiVELoss, RIDELoss, diversity_temperatures, diversity_term
+from pipeline.models import ResNet32
+from pipeline.ride import (Router, build_ride, gflops_per_image, ride_resnet32, route, router_targets,
+                           routing_loss)
+
+from .conftest import needs_fmnist, run_cli
+
+
+def test_model_ride_is_the_datasets_backbone_as_experts():
+    assert recipe_for("fmnist-lt", ["model=ride"]).model == "ride_resnet32"
+    assert recipe_for("imagenet-lt", ["model=ride"]).model == "ride_resnext50_32x4d"
+    assert recipe_for("inat2018", ["model=ride"]).model == "ride_resnet50"
+    with pytest.raises(ValueError, match="no RIDE version"):
+        build_ride("vgg16", 10, 3, 2)
+
+
+def test_a_gradient_through_one_expert_touches_only_that_expert_and_the_trunk():
+    torch.manual_seed(0)
+    model = build_ride("resnet32", 10, 1, 3)
+    out = model(torch.randn(4, 1, 32, 32))
+    assert out["expert_logits"].shape == (3, 4, 10) and out["expert_features"].shape == (3, 4, 48)
+    torch.testing.assert_close(out["logits"], out["expert_logits"].mean(0))
+    out["expert_logits"][1].sum().backward()
+    for i in range(3):
+        grads = [p.grad for p in [*model.experts[i].parameters(), *model.heads[i].parameters()]]
+        if i == 1:
+            assert all(g is not None and g.abs().sum() > 0 for g in grads[:3])
+        else:
+            assert all(g is None or not g.any() for g in grads), f"expert {i} got a gradient"
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trunk.parameters() if p.dim() > 1)
+
+
+def test_flops_one_full_width_expert_is_the_plain_resnet32():
+    plain = gflops_per_image(ResNet32(10, 3), (3, 32, 32))["total"]
+    one = gflops_per_image(ride_resnet32(10, 3, experts=1, width=64), (3, 32, 32))
+    assert one["total"] == pytest.approx(plain, rel=1e-9)
+    # by hand: 2 x MACs of the stem, three stages of ten 3x3 convs (each stage's first conv reads the previous
+    # width), and the classifier
+    macs = (32 * 32 * 16 * 3 * 9 + 10 * 32 * 32 * 16 * 16 * 9 + 16 * 16 * 32 * 9 * (16 + 9 * 32)
+            + 8 * 8 * 64 * 9 * (32 + 9 * 64) + 64 * 10)
+    assert plain == pytest.approx(2 * macs / 1e9, rel=1e-12)
+    six = gflops_per_image(build_ride("resnet32", 10, 3, 6), (3, 32, 32))
+    assert six["total"] == pytest.approx(six["shared"] + 6 * six["per_expert"], rel=1e-9)
+
+
+def test_diversity_temperatures_by_hand():
+    # counts 3:1 -> p = (0.75, 0.25); w = 2 * p * 0.05 + 0.95 = (1.025, 0.975); T = w / max(w)
+    torch.testing.assert_close(diversity_temperatures(torch.tensor([3, 1])), torch.tensor([1.0, 0.975 / 1.025]))
+
+
+def test_diversity_term_value_and_sign_by_hand():
+    experts = torch.tensor([[[0.0, 0.0]], [[2.0, 0.0]]])  # two experts, one image, two classes
+    t = torch.ones(2)
+    # the mean logits (1, 0) give the target (e/(1+e), 1/(1+e)); KL(target || softmax(expert)) by hand
+    a, b = math.e / (1 + math.e), 1 / (1 + math.e)
+    q2 = (math.exp(2) / (1 + math.exp(2)), 1 / (1 + math.exp(2)))
+    kl1 = a * math.log(a / 0.5) + b * math.log(b / 0.5)
+    kl2 = a * math.log(a / q2[0]) + b * math.log(b / q2[1])
+    torch.testing.assert_close(diversity_term(experts, t), torch.tensor([kl1, kl2]), rtol=1e-5, atol=1e-6)
+    # a temperature scales the logits per class and the term by mean(T)^2
+    t2 = torch.tensor([2.0, 2.0])
+    a2 = math.exp(0.5) / (1 + math.exp(0.5))
+    kl1_t2 = a2 * math.log(a2 / 0.5) + (1 - a2) * math.log((1 - a2) / 0.5)
+    assert float(diversity_term(experts, t2)[0]) == pytest.approx(4 * kl1_t2, rel=1e-5)
+    # with RIDE's negative weight, a gradient step on the loss pushes the experts apart (the KL grows)
+    z = experts.clone().requires_grad_(True)
+    loss = RIDELoss("bsce", torch.tensor([1, 1]), diversity=-0.2)
+    labels = torch.tensor([0])
+    parts = loss({"expert_logits": z}, labels)
+    bsce_only = sum(torch.nn.functional.cross_entropy(e, labels) for e in experts)
+    assert parts["loss"].item() == pytest.approx(float(bsce_only) - 0.2 * (kl1 + kl2), rel=1e-5)
+    div_only = -0.2 * diversity_term(z, t).sum()
+    div_only.backward()
+    with torch.no_grad():
+        stepped = diversity_term(z - 0.5 * z.grad, t).sum()
+    assert float(stepped) > kl1 + kl2
+
+
+def test_ride_dive_loss_is_the_dive_loss_of_every_expert_summed():
+    torch.manual_seed(0)
+    counts = torch.tensor([50, 10, 2])
+    experts, teacher = torch.randn(4, 8, 3), torch.randn(8, 3)
+    labels = torch.randint(0, 3, (8,))
+    loss = DiVELoss(counts, 3.0, 0.5, 0.75)
+    got = loss({"logits": experts.mean(0), "expert_logits": experts}, labels, teacher)
+    each = [loss({"logits": e}, labels, teacher) for e in experts]
+    torch.testing.assert_close(got["loss"], sum(p["loss"] for p in each))
+    torch.testing.assert_close(got["kd"], sum(p["kd"] for p in each) / 4)
+
+
+def test_router_targets_and_loss_by_hand():
+    # 3 experts, 3 images, 2 classes; labels all 0
+    z = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]],    # expert 0: wrong, right, wrong
+                      [[3.0, 0.0], [0.0, 5.0], [0.0, 1.0]],    # mean of 0..1: right, wrong, wrong
+                      [[0.0, 0.0], [9.0, 0.0], [0.0, 1.0]]])   # mean of 0..2: right, right, wrong
+    labels = torch.zeros(3, dtype=torch.long)
+    targets = router_targets(z, labels)
+    # after expert 0: image 0 is wrong and later right -> 1; image 1 right -> 0; image 2 never right -> 0
+    # after expert 1: image 1 is wrong and right with all three -> 1
+    torch.testing.assert_close(targets, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    logits = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # BCE at logit 0 is log 2 per element; positives weighted 20: mean over (20 + 1 + 1) / 3 log 2 per router
+    assert float(routing_loss(logits, targets, 20.0)) == pytest.approx(22 / 3 * math.log(2), rel=1e-6)
+
+
+def test_router_threshold_one_is_one_expert_and_zero_is_all_experts():
+    torch.manual_seed(0)
+    model = build_ride("resnet32", 10, 1, 4).eval()
+    router = Router(model.feature_dim, 4, 10)
+    x = torch.randn(6, 1, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        r = router(out["expert_features"], out["expert_logits"]) * 1e3  # saturated decisions either way
+        all_experts, used = route(out["expert_logits"], r, 0.0)
+        torch.testing.assert_close(all_experts, out["logits"])
+        assert used.tolist() == [4.0] * 6
+        one, used = route(out["expert_logits"], r, 1.0)
+        torch.testing.assert_close(one, model(x, experts=1)["logits"])
+        assert used.tolist() == [1.0] * 6
+        some, used = route(out["expert_logits"], torch.tensor([[1.0] * 6, [-1.0] * 3 + [1.0] * 3,
+                                                               [1.0] * 6]), 0.5)
+        assert used.tolist() == [2.0] * 3 + [4.0] * 3  # stops after expert 1, or never; never comes back
+        torch.testing.assert_close(some[:3], out["expert_logits"][:2, :3].mean(0))
+
+
+@needs_fmnist
+def test_ride_teacher_cache_and_routed_student_under_torchrun(tmp_path):
+    teacher, cache, student = tmp_path / "teacher", tmp_path / "cache", tmp_path / "students" / "ride"
+    run_cli("teacher", "--set", "model=ride", "--set", "experts=3", "--set", "epochs=1", "--out", str(teacher))
+    t = json.loads((teacher / "manifest.json").read_text())
+    assert t["config"]["model"] == "ride_resnet32" and t["config"]["experts"] == 3
+    run_cli("cache", "--teacher", str(teacher), "--set", "views=2", "--out", str(cache))
+    run_cli("student", "--cache", str(cache), "--set", "epochs=1", "--set", "router_epochs=1", "--out", str(student),
+            nproc=2, env={"OMP_NUM_THREADS": "1"})
+    s = json.loads((student / "manifest.json").read_text())
+    assert s["config"]["experts"] == 4 and s["config"]["alpha"] == 0.75 and s["config"]["world"] == 2
+    router = s["metrics"]["router"]
+    assert 1 <= router["experts"] <= 4 and router["gflops"] <= s["metrics"]["gflops"] + 1e-6
+    assert (student / "router.pt").is_file() and (student / "eval_routed.npz").is_file()
+    report = run_cli("report", "--runs", str(tmp_path)).stdout
+    for row in ("| RIDE, BSCE (teacher) | ride_resnet32 x3", "| RIDE-DiVE | tau 3, p 0.5, alpha 0.75; ride_resnet32 x4",
+                "| RIDE-DiVE + router |"):
+        assert row in report
