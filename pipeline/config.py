@@ -53,6 +53,7 @@ class Recipe:
     diversity: float = -0.2  # weight of RIDE's diversity term for a RIDE teacher (negative: experts differ)
     router_epochs: int = 5  # epochs of the expert-assignment router, trained last with the experts frozen
     router_threshold: float = 0.5  # consult the next expert while the router's probability exceeds this
+    expert_logits: bool = False  # cache: also store a RIDE teacher's per-expert logits (expert_logits.zarr)
     # run
     loss: str = "bsce"
     seed: int = 0

@@ -7,6 +7,7 @@ shards that are missing; ``manifest.json`` is written last, after the store's ow
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -31,7 +32,8 @@ from store.writer import StoreWriter
 from .common import derived_recipe, prepare_run_dir
 
 STORE = "logits.zarr"
-CACHE_KEYS = ("views", "view_seed", "codec", "batch_size", "workers", "bf16", "channels_last")
+EXPERT_STORE = "expert_logits.zarr"  # a RIDE teacher's per-expert logits, class axis = expert-major E x C
+CACHE_KEYS = ("views", "view_seed", "codec", "batch_size", "workers", "bf16", "channels_last", "expert_logits")
 
 
 def cache_recipe(teacher_dir: Path, overrides: dict) -> Recipe:
@@ -65,15 +67,20 @@ def check_room(out: Path, need: int, log) -> None:
 
 @torch.no_grad()
 def teacher_logits(model, executor, index: np.ndarray, params: np.ndarray, recipe: Recipe,
-                   device: torch.device) -> np.ndarray:
-    """Raw teacher logits (float32) of samples ``index`` seen through views ``params``, in batches."""
-    out = []
+                   device: torch.device, experts: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw teacher logits (float32) of samples ``index`` seen through views ``params``, in batches; with
+    ``experts``, also a RIDE teacher's per-expert logits [N, E * C] (expert-major)."""
+    out, per_expert = [], []
     for start in range(0, len(index), recipe.batch_size):
         sl = slice(start, start + recipe.batch_size)
         images = to_device(executor.run(index[sl], params[sl]), device, recipe.channels_last)
         with autocast(device, recipe.bf16):
-            out.append(model(images)["logits"].float().cpu().numpy())
-    return np.concatenate(out)
+            result = model(images)
+        out.append(result["logits"].float().cpu().numpy())
+        if experts:
+            e = result["expert_logits"].float().permute(1, 0, 2)  # [B, E, C]
+            per_expert.append(e.reshape(e.shape[0], -1).cpu().numpy())
+    return np.concatenate(out), (np.concatenate(per_expert) if experts else None)
 
 
 def shard_views(recipe: Recipe, executor, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,20 +92,28 @@ def shard_views(recipe: Recipe, executor, positions: np.ndarray) -> tuple[np.nda
     return index, params
 
 
-def dump(recipe: Recipe, model, executor, writer: StoreWriter, rows: np.ndarray, dist: Dist, log) -> int:
-    """Compute and queue every shard this rank still owns (store row r holds sample ``rows[r]``); returns
-    the number of images run."""
-    todo = writer.missing_shards(dist.rank, dist.world)
+def dump(recipe: Recipe, model, executor, writer: StoreWriter, rows: np.ndarray, dist: Dist, log,
+         expert_writer: StoreWriter | None = None) -> int:
+    """Compute and queue every shard this rank still owns (store row r holds sample ``rows[r]``), into the
+    logit store and, if given, the per-expert store (each gets the shards it lacks); returns the images run."""
+    main_todo = {s.index: s for s in writer.missing_shards(dist.rank, dist.world)}
+    expert_todo = {s.index: s for s in expert_writer.missing_shards(dist.rank, dist.world)} if expert_writer else {}
+    todo = [{**expert_todo, **main_todo}[k] for k in sorted(set(main_todo) | set(expert_todo))]
     total = sum(s.stop - s.start for s in todo) * recipe.views
     done, start_time = 0, time.perf_counter()
     if dist.main and len(todo) < writer.layout.n_shards // dist.world:
         log(f"cache: resuming, {len(todo)} shards left for this rank")
-    with writer:  # on any error, shards already queued are still written before it propagates
+    with writer, (expert_writer or contextlib.nullcontext()):  # on any error, queued shards are still written
         for shard in todo:
             index, params = shard_views(recipe, executor, rows[shard.start:shard.stop])
-            logits = teacher_logits(model, executor, index, params, recipe, dist.device)
+            logits, per_expert = teacher_logits(model, executor, index, params, recipe, dist.device,
+                                                experts=shard.index in expert_todo)
             n = shard.stop - shard.start
-            writer.write_shard(shard.index, logits.reshape(n, recipe.views, -1), params.reshape(n, recipe.views, P))
+            views = params.reshape(n, recipe.views, P)
+            if shard.index in main_todo:
+                writer.write_shard(shard.index, logits.reshape(n, recipe.views, -1), views)
+            if shard.index in expert_todo:
+                expert_writer.write_shard(shard.index, per_expert.reshape(n, recipe.views, -1), views.copy())
             done += len(index)
             rate = done / (time.perf_counter() - start_time)
             if dist.main:
@@ -122,8 +137,18 @@ def run(teacher_dir: Path, out: Path, overrides: dict | None = None, data_root: 
         log(f"{out} is complete; nothing to do")
         return out / STORE
     n, c = len(source.train), source.num_classes
+    experts = read_manifest(teacher_dir, "teacher")["config"].get("experts", 0)
+    if recipe.expert_logits and not experts:
+        raise ArtifactError(f"expert_logits=true needs a RIDE teacher; {teacher_dir} is a single "
+                            f"{recipe.model} model. Drop expert_logits or train the teacher with model=ride.")
     if dist.main:
-        check_room(out, planned_bytes(n, recipe.views, c, recipe.codec), log)
+        need = planned_bytes(n, recipe.views, c, recipe.codec)
+        if recipe.expert_logits:
+            extra = planned_bytes(n, recipe.views, experts * c, recipe.codec)
+            log(f"cache: per-expert logits of the {experts} experts add {extra / 2**20:,.1f} MiB "
+                f"({EXPERT_STORE})")
+            need += extra
+        check_room(out, need, log)
         log(f"cache: {n:,} images x {recipe.views} views of {recipe.dataset}, {c} classes, codec {recipe.codec}, "
             f"on {dist.device} x{dist.world}")
     attrs = {"recipe": recipe.to_dict(), "view_spec": dataclasses.asdict(recipe.view_spec()),
@@ -132,18 +157,29 @@ def run(teacher_dir: Path, out: Path, overrides: dict | None = None, data_root: 
     rows = row_order(n, recipe.view_seed)
     writer = StoreWriter.create_or_resume(out / STORE, n, recipe.views, c, recipe.codec, source.train.labels[rows],
                                           source.train.ids[rows], source.class_counts, attrs)
+    expert_writer = None
+    if recipe.expert_logits:
+        expert_writer = StoreWriter.create_or_resume(
+            out / EXPERT_STORE, n, recipe.views, experts * c, recipe.codec, source.train.labels[rows],
+            source.train.ids[rows], np.tile(source.class_counts, experts), {**attrs, "experts": experts, "classes": c,
+                                                          "class_axis": "expert-major: expert e, class k at e * C + k"})
     model = load_teacher(teacher_dir, dist.device, recipe.channels_last)
     executor = make_executor(source.train, recipe.view_spec(), source.mean, source.std, recipe.batch_size,
                              recipe.workers, dist.device)
     start = time.perf_counter()
-    images = dump(recipe, model, executor, writer, rows, dist, log)
+    images = dump(recipe, model, executor, writer, rows, dist, log, expert_writer)
     barrier(dist)
     if dist.main:
         writer.mark_complete()
+        outputs = {STORE: STORE}
+        if expert_writer is not None:
+            expert_writer.mark_complete()
+            outputs[EXPERT_STORE] = EXPERT_STORE
         store = LogitStore.open(out / STORE, expect=attrs["fingerprints"])
-        seconds, size = time.perf_counter() - start, directory_bytes(out / STORE)
+        seconds = time.perf_counter() - start
+        size = sum(directory_bytes(out / name) for name in outputs)
         write_manifest(out, "cache", config, inputs={"teacher_model": teacher_sha, **attrs["fingerprints"]},
-                       outputs={STORE: store.path.name}, extra={
+                       outputs=outputs, extra={
                            "layout": store.layout.to_dict(), "seconds": seconds, "images": images, "bytes": size})
         log(f"cache: wrote {out / STORE} ({size / 2**20:,.1f} MiB, layout {store.layout.to_dict()}) in {seconds:,.0f}s")
     barrier(dist)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,8 @@ from pipeline.losses import DiVELoss, RIDELoss, diversity_temperatures, diversit
 from pipeline.models import ResNet32
 from pipeline.ride import (Router, build_ride, gflops_per_image, ride_resnet32, route, router_targets,
                            routing_loss)
+
+from store.reader import LogitStore
 
 from .conftest import needs_fmnist, run_cli
 
@@ -140,7 +143,17 @@ def test_ride_teacher_cache_and_routed_student_under_torchrun(tmp_path):
     run_cli("teacher", "--set", "model=ride", "--set", "experts=3", "--set", "epochs=1", "--out", str(teacher))
     t = json.loads((teacher / "manifest.json").read_text())
     assert t["config"]["model"] == "ride_resnet32" and t["config"]["experts"] == 3
-    run_cli("cache", "--teacher", str(teacher), "--set", "views=2", "--out", str(cache))
+    proc = run_cli("cache", "--teacher", str(teacher), "--set", "views=2", "--set", "expert_logits=true",
+                   "--out", str(cache))
+    assert "per-expert logits of the 3 experts add" in proc.stdout  # the size is printed before the dump
+    # the cache's teacher logits are the ensemble's: the mean of the stored per-expert logits
+    main, per_expert = LogitStore.open(cache / "logits.zarr"), LogitStore.open(cache / "expert_logits.zarr")
+    assert per_expert.c == 3 * main.c and per_expert.attrs["experts"] == 3
+    for view in range(2):
+        z, params = main.read_rows(0, main.n, view)
+        ze, params_e = per_expert.read_rows(0, main.n, view)
+        np.testing.assert_array_equal(params, params_e)
+        np.testing.assert_allclose(ze.reshape(main.n, 3, main.c).mean(1), z, atol=0.05)
     run_cli("student", "--cache", str(cache), "--set", "epochs=1", "--set", "router_epochs=1", "--out", str(student),
             nproc=2, env={"OMP_NUM_THREADS": "1"})
     s = json.loads((student / "manifest.json").read_text())
@@ -152,3 +165,10 @@ def test_ride_teacher_cache_and_routed_student_under_torchrun(tmp_path):
     for row in ("| RIDE, BSCE (teacher) | ride_resnet32 x3", "| RIDE-DiVE | tau 3, p 0.5, alpha 0.75; ride_resnet32 x4",
                 "| RIDE-DiVE + router |"):
         assert row in report
+
+
+def test_per_expert_logits_need_a_ride_teacher(small_cache, tmp_path):
+    teacher, _ = small_cache
+    proc = run_cli("cache", "--teacher", str(teacher), "--set", "expert_logits=true", "--out", str(tmp_path / "c"),
+                   check=False)
+    assert proc.returncode == 2 and "expert_logits=true needs a RIDE teacher" in proc.stderr
