@@ -56,6 +56,7 @@ def open_cache(cache_dir: Path, source) -> LogitStore:
 
 
 RESULTS = ("model.pt", "eval.npz", "metrics.json")
+ROUTER_RESULTS = ("router.pt", "eval_routed.npz")  # a routed RIDE student's, when there are any
 
 
 def finished_twin(out: Path, config: dict) -> Path | None:
@@ -72,7 +73,7 @@ def finished_twin(out: Path, config: dict) -> Path | None:
 
 def copy_run(src: Path, out: Path) -> None:
     """Copy a finished run's results, then (last, as a stage does) its manifest."""
-    for name in RESULTS:
+    for name in (*RESULTS, *(r for r in ROUTER_RESULTS if (src / r).is_file())):
         tmp = out / f".{name}.tmp"
         shutil.copyfile(src / name, tmp)
         os.replace(tmp, out / name)
