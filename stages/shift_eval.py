@@ -19,10 +19,13 @@ def model_rows(runs: Path) -> list[tuple[str, Path, bool]]:
         if data.get("stage") not in ("teacher", "student") or not (manifest.parent / "eval.npz").is_file():
             continue
         config = data["config"]
+        ride = "RIDE " if config["model"].startswith("ride_") else ""
         if data["stage"] == "teacher":
-            name = f"{'CE' if config['loss'] == 'ce' else 'BSCE'} seed {config['seed']}"
+            name = f"{ride}{'CE' if config['loss'] == 'ce' else 'BSCE'} seed {config['seed']}"
         else:
-            name = f"DiVE tau {config['tau']:g} p {config['power']:g} seed {config['seed']}"
+            name = f"{ride}DiVE tau {config['tau']:g} p {config['power']:g} seed {config['seed']}"
+        if config.get("mode") == "online":
+            name += " online"
         rows.append((name, manifest.parent, data["stage"] == "teacher" and config["loss"] == "ce"))
     return rows
 
