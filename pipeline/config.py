@@ -123,6 +123,12 @@ def recipe_for(dataset: str, overrides: typing.Iterable[str] = ()) -> Recipe:
 
 def apply_overrides(recipe: Recipe, overrides: typing.Iterable[str]) -> Recipe:
     """Apply ``key=value`` strings to a recipe; unknown keys and badly typed values raise ConfigError."""
+    return replace(recipe, **parse_overrides(overrides))
+
+
+def parse_overrides(overrides: typing.Iterable[str]) -> dict:
+    """``key=value`` strings as typed recipe values; unknown keys and badly typed values raise ConfigError.
+    Values are checked against their recipe's rules when a recipe is built from them."""
     types = typing.get_type_hints(Recipe)
     known = {f.name for f in fields(Recipe)}
     changes = {}
@@ -136,7 +142,7 @@ def apply_overrides(recipe: Recipe, overrides: typing.Iterable[str]) -> Recipe:
         if key == "dataset":
             raise ConfigError("the dataset is chosen with DATASET= / --dataset, not an override")
         changes[key] = parse_value(key, text.strip(), types[key])
-    return replace(recipe, **changes)
+    return changes
 
 
 def parse_value(key: str, text: str, kind: typing.Any) -> typing.Any:

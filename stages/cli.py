@@ -45,17 +45,10 @@ def teacher(dataset: str = DatasetOpt, loss: str = typer.Option("bsce", help="bs
 
 
 def _overrides(items: Optional[List[str]]) -> dict:
-    """``key=value`` items as a dict of typed recipe values (validated against the recipe's types)."""
-    from pipeline.config import RECIPES, apply_overrides
+    """``key=value`` items as a dict of typed recipe values; the stage checks them against its run's recipe."""
+    from pipeline.config import parse_overrides
 
-    items = items or []
-    base = RECIPES["fmnist-lt"]
-    typed = apply_overrides(base, items)
-    keys = [item.partition("=")[0].strip().replace("-", "_") for item in items]
-    values = {k: getattr(typed, k) for k in keys}
-    if values.get("model", "").startswith("ride_"):  # model=ride: resolved against the run's own dataset
-        values["model"] = next(i.partition("=")[2].strip() for i in items if i.partition("=")[0].strip() == "model")
-    return values
+    return parse_overrides(items or [])
 
 
 @app.command()
