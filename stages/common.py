@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
-
-from dataclasses import fields
 
 from pipeline.config import Recipe, recipe_from_dict
 from pipeline.metrics import accuracy_report
@@ -38,10 +37,16 @@ def prepare_run_dir(out: Path, config: dict) -> bool:
     return False
 
 
-def report_from_eval(result: dict[str, np.ndarray], class_counts: np.ndarray) -> dict:
-    """Accuracy report from ``evaluate``'s per-sample output, in sample order."""
+def in_sample_order(result) -> dict[str, np.ndarray]:
+    """Per-sample arrays (``evaluate``'s output, or a saved ``eval.npz``) sorted into test-sample order."""
     order = np.argsort(result["index"], kind="stable")
-    return accuracy_report(result["logits"][order], result["labels"][order], class_counts)
+    return {k: np.asarray(result[k])[order] for k in (result.files if hasattr(result, "files") else result)}
+
+
+def report_from_eval(result: dict[str, np.ndarray], class_counts: np.ndarray) -> dict:
+    """Accuracy report from ``evaluate``'s per-sample output."""
+    ordered = in_sample_order(result)
+    return accuracy_report(ordered["logits"], ordered["labels"], class_counts)
 
 
 def recipe_config(recipe: Recipe, **extra) -> dict:

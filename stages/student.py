@@ -10,29 +10,30 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from pipeline.config import Recipe
-from pipeline.data import make_executor
+from pipeline.data import ViewLoader, make_executor
 from pipeline.distill import CachedTargets, OnlineTargets
 from pipeline.distributed import barrier, init_from_env
 from pipeline.losses import DiVELoss
 from pipeline.metrics import format_table
+from pipeline.ride import Router, evaluate_routed, gflops_per_image, routed_gflops, train_router
 from pipeline.sources import load_source
-from pipeline.train import fit, make_optimizer, unwrap
+from pipeline.train import fit, make_optimizer, save_checkpoint, unwrap
 from store.manifest import MANIFEST, ArtifactError, read_manifest
 from store.reader import LogitStore
 
 from .cache import STORE, load_teacher
-from .common import CONFIG, derived_recipe, prepare_run_dir
-from .teacher import finish, test_loader, trainable_model
+from .common import CONFIG, derived_recipe, prepare_run_dir, report_from_eval
+from .teacher import finish, in_channels, test_loader, trainable_model, with_experts
 
 STUDENT_KEYS = ("tau", "power", "alpha", "model", "epochs", "lr", "seed", "batch_size", "weight_decay",
                 "warmup_epochs", "milestones", "gamma", "schedule", "momentum", "eval_every", "bf16",
                 "channels_last", "workers", "experts", "router_epochs", "router_threshold")
 # RIDE-DiVE (the DiVE paper's multi-expert student): 4 experts, alpha 0.75, tau 3 on ImageNet-LT.
-RIDE_STUDENT = {"experts": 4, "alpha": 0.75}
+STUDENT_EXPERTS = 4
+RIDE_STUDENT_ALPHA = 0.75
 RIDE_STUDENT_TAU = {"imagenet-lt": 3.0}
 MODES = ("cached", "online")
 
@@ -40,14 +41,12 @@ MODES = ("cached", "online")
 def student_recipe(cache_dir: Path, overrides: dict) -> Recipe:
     """The cache's (teacher's) recipe with student-time keys replaced. A RIDE student takes RIDE-DiVE's
     defaults (4 experts, alpha 0.75, tau 3 on ImageNet-LT) where ``overrides`` does not say otherwise."""
-    config = dict(read_manifest(cache_dir, "cache")["config"])
-    config["experts"] = 0  # the teacher's expert count is the teacher's; the student has its own
-    recipe = derived_recipe(config, overrides, STUDENT_KEYS, "student")
+    config = {**read_manifest(cache_dir, "cache")["config"], "experts": 0}  # the teacher's count is not ours
+    recipe = with_experts(derived_recipe(config, overrides, STUDENT_KEYS, "student"), STUDENT_EXPERTS)
     if not recipe.is_ride:
-        return replace(recipe, experts=0)
-    defaults = {**RIDE_STUDENT, "tau": RIDE_STUDENT_TAU.get(recipe.dataset, recipe.tau)}
-    return replace(recipe, **{k: v for k, v in defaults.items() if k not in overrides or
-                              (k == "experts" and not overrides[k])})
+        return recipe
+    defaults = {"alpha": RIDE_STUDENT_ALPHA, "tau": RIDE_STUDENT_TAU.get(recipe.dataset, recipe.tau)}
+    return replace(recipe, **{k: v for k, v in defaults.items() if k not in overrides})
 
 
 def open_cache(cache_dir: Path, source) -> LogitStore:
@@ -85,13 +84,6 @@ def copy_run(src: Path, out: Path) -> None:
 def routed(recipe: Recipe, source, model, tests, out: Path, device: torch.device, log) -> dict:
     """Train the expert-assignment router with the experts frozen, then test the routed model: accuracy,
     experts consulted and GFLOPs per image. Saves ``router.pt`` and ``eval_routed.npz``."""
-    from pipeline.data import ViewLoader
-    from pipeline.ride import Router, evaluate_routed, gflops_per_image, routed_gflops, train_router
-    from pipeline.train import save_checkpoint
-
-    from .common import report_from_eval
-    from .teacher import in_channels
-
     torch.manual_seed(recipe.seed)
     router = Router(model.feature_dim, model.num_experts, source.num_classes,
                     logit_scale=float(model.heads[0].scale)).to(device)

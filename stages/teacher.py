@@ -2,6 +2,7 @@
 ``model.pt``, ``metrics.json``, ``eval.npz`` and, last, ``manifest.json``."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,6 @@ import torch
 from pipeline.config import Recipe
 from pipeline.data import ViewLoader, make_executor
 from pipeline.distributed import Dist, barrier, init_from_env
-from dataclasses import replace
-
 from pipeline.losses import build_teacher_loss
 from pipeline.metrics import format_table
 from pipeline.models import build_model
