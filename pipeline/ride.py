@@ -156,9 +156,8 @@ def count_macs(module: nn.Module, run) -> int:
         k = m.kernel_size[0] * m.kernel_size[1]
         total[0] += output.numel() // output.shape[0] * (m.in_channels // m.groups) * k
 
-    def linear_hook(m, inputs, output):
-        w = m.weight if isinstance(m, nn.Linear) else m.weight
-        total[0] += output.numel() // output.shape[0] * w.shape[1]
+    def linear_hook(m, inputs, output):  # nn.Linear and NormedLinear: weight [out, in]
+        total[0] += output.numel() // output.shape[0] * m.weight.shape[1]
 
     hooks = []
     for m in module.modules():

@@ -98,7 +98,8 @@ def dump(recipe: Recipe, model, executor, writer: StoreWriter, rows: np.ndarray,
     logit store and, if given, the per-expert store (each gets the shards it lacks); returns the images run."""
     main_todo = {s.index: s for s in writer.missing_shards(dist.rank, dist.world)}
     expert_todo = {s.index: s for s in expert_writer.missing_shards(dist.rank, dist.world)} if expert_writer else {}
-    todo = [{**expert_todo, **main_todo}[k] for k in sorted(set(main_todo) | set(expert_todo))]
+    shards = {**expert_todo, **main_todo}
+    todo = [shards[k] for k in sorted(shards)]
     total = sum(s.stop - s.start for s in todo) * recipe.views
     done, start_time = 0, time.perf_counter()
     if dist.main and len(todo) < writer.layout.n_shards // dist.world:
@@ -113,7 +114,7 @@ def dump(recipe: Recipe, model, executor, writer: StoreWriter, rows: np.ndarray,
             if shard.index in main_todo:
                 writer.write_shard(shard.index, logits.reshape(n, recipe.views, -1), views)
             if shard.index in expert_todo:
-                expert_writer.write_shard(shard.index, per_expert.reshape(n, recipe.views, -1), views.copy())
+                expert_writer.write_shard(shard.index, per_expert.reshape(n, recipe.views, -1), views)
             done += len(index)
             rate = done / (time.perf_counter() - start_time)
             if dist.main:
@@ -137,7 +138,7 @@ def run(teacher_dir: Path, out: Path, overrides: dict | None = None, data_root: 
         log(f"{out} is complete; nothing to do")
         return out / STORE
     n, c = len(source.train), source.num_classes
-    experts = read_manifest(teacher_dir, "teacher")["config"].get("experts", 0)
+    experts = recipe.experts  # the teacher's (its saved recipe), 0 for a single model
     if recipe.expert_logits and not experts:
         raise ArtifactError(f"expert_logits=true needs a RIDE teacher; {teacher_dir} is a single "
                             f"{recipe.model} model. Drop expert_logits or train the teacher with model=ride.")
