@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import recipe_for
-from pipeline.sources import load_source
+from pipeline.sources import DataError, load_source
 from pipeline.sources.base import GROUPS, class_groups
 from store.manifest import ArtifactError, write_json_atomic
 
+from .common import in_sample_order
 from .report import collect
 
 GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
@@ -64,9 +65,7 @@ def load_evals(models: dict[str, Path]) -> tuple[dict[str, dict], np.ndarray, np
         path = folder / "eval.npz"
         if not path.is_file():
             raise ArtifactError(f"{path} is missing: {folder} is not a complete run")
-        data = np.load(path)
-        order = np.argsort(data["index"], kind="stable")
-        evals[method] = {k: data[k][order] for k in data.files}
+        evals[method] = in_sample_order(np.load(path))
         manifest = json.loads((folder / "manifest.json").read_text())
         if labels is None:
             labels = evals[method]["labels"]
@@ -174,17 +173,22 @@ def _plot_tsne(path, embeddings, y, classes, names, groups, models) -> None:
     plt.close(fig)
 
 
-def class_names(dataset: str, data_root: Path | None, num_classes: int) -> list[str]:
-    try:
-        names = load_source(dataset, data_root).class_names
-    except Exception:  # names are a nicety: fall back to numbers if the data is not at hand
-        names = ()
+def class_names(dataset: str, data_root: Path | None, num_classes: int, source=None) -> list[str]:
+    """The dataset's class names, or the class numbers where the data (and so its names) is not at hand."""
+    if source is None:
+        try:
+            source = load_source(dataset, data_root)
+        except DataError:
+            return [str(c) for c in range(num_classes)]
+    names = source.class_names
     return list(names) if len(names) == num_classes else [str(c) for c in range(num_classes)]
 
 
-def pick_samples(evals: dict[str, dict], labels: np.ndarray, counts: np.ndarray, limit: int) -> np.ndarray:
+def pick_samples(evals: dict[str, dict], labels: np.ndarray, counts: np.ndarray,
+                 limit: int) -> tuple[np.ndarray, int]:
     """Test samples DiVE gets right and CE or BSCE wrong, taken in turn from each true class (rarest class
-    first, so the grid shows several classes); within a class, those both get wrong first, then file order."""
+    first, so the grid shows several classes); within a class, those both get wrong first, then file order.
+    Returns up to ``limit`` of them and how many there are in all."""
     pred = {m: evals[m]["logits"].argmax(1) for m in METHODS}
     right = pred["DiVE"] == labels
     wrong_others = (pred["CE"] != labels).astype(int) + (pred["BSCE"] != labels).astype(int)
@@ -198,7 +202,7 @@ def pick_samples(evals: dict[str, dict], labels: np.ndarray, counts: np.ndarray,
         for queue in queues:
             if queue and len(picked) < limit:
                 picked.append(queue.pop(0))
-    return np.array(picked, dtype=np.int64)
+    return np.array(picked, dtype=np.int64), len(found)
 
 
 def samples(runs: Path, out: Path, limit: int = 24, chosen: dict[str, Path] | None = None,
@@ -210,11 +214,10 @@ def samples(runs: Path, out: Path, limit: int = 24, chosen: dict[str, Path] | No
     if len(source.test) != len(labels) or not np.array_equal(source.test.labels, labels):
         raise ArtifactError(f"the runs under {runs} were tested on another {dataset} test split than "
                             f"the one at {data_root or 'its default place'}")
-    names = list(source.class_names) if len(source.class_names) == len(counts) else [str(c) for c in range(len(counts))]
+    names = class_names(dataset, data_root, len(counts), source)
     groups = group_of(counts)
     pred = {m: evals[m]["logits"].argmax(1) for m in METHODS}
-    chosen_idx = pick_samples(evals, labels, counts, limit)
-    n_all = int(((pred["DiVE"] == labels) & ((pred["CE"] != labels) | (pred["BSCE"] != labels))).sum())
+    chosen_idx, n_all = pick_samples(evals, labels, counts, limit)
     log(f"samples: {n_all} test images that DiVE gets right and CE or BSCE wrong; showing {len(chosen_idx)}")
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"test_index": int(i), "true": names[labels[i]], "true_group": groups[labels[i]],

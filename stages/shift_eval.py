@@ -10,6 +10,8 @@ import numpy as np
 from pipeline.shift import shift_accuracies
 from store.manifest import write_json_atomic
 
+from .common import in_sample_order
+
 
 def model_rows(runs: Path) -> list[tuple[str, Path, bool]]:
     """(name, run folder, trained with plain CE) for every complete teacher and student under ``runs``."""
@@ -37,10 +39,9 @@ def run(runs: Path, log=print) -> Path:
         raise FileNotFoundError(f"no complete teacher or student runs under {runs}; run `make teacher` first")
     results, columns = {}, None
     for name, folder, plain_ce in rows:
-        evals = np.load(folder / "eval.npz")
-        order = np.argsort(evals["index"], kind="stable")
+        evals = in_sample_order(np.load(folder / "eval.npz"))
         counts = np.array(json.loads((folder / "metrics.json").read_text())["class_counts"])
-        results[name] = shift_accuracies(evals["logits"][order], evals["labels"][order], counts, plain_ce)
+        results[name] = shift_accuracies(evals["logits"], evals["labels"], counts, plain_ce)
         columns = list(results[name]["w/o PC"])
     lines = [f"# Test-time label shift: {runs.name}", "",
              "| model | PC | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]

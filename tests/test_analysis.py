@@ -83,8 +83,10 @@ def test_pick_samples_by_hand():
     evals = {m: {"logits": one_hot_logits(p)} for m, p in preds.items()}
     # candidates: 0 (class 0, CE wrong), 2 (class 9, both wrong), 3 (class 5, CE wrong), 5 (class 9, CE wrong),
     # 6 (class 5, both wrong). Classes rarest first: 9 (5 images), 5, 0; both-wrong first within a class.
-    assert pick_samples(evals, labels, COUNTS, 10).tolist() == [2, 6, 0, 5, 3]
-    assert pick_samples(evals, labels, COUNTS, 2).tolist() == [2, 6]
+    picked, total = pick_samples(evals, labels, COUNTS, 10)
+    assert picked.tolist() == [2, 6, 0, 5, 3] and total == 5
+    picked, total = pick_samples(evals, labels, COUNTS, 2)
+    assert picked.tolist() == [2, 6] and total == 5
 
 
 @needs_fmnist
