@@ -1,48 +1,63 @@
 # dive: offline logit-caching distillation for long-tailed recognition.
-# Stage targets are the stages' manifest files, so Make reruns a stage only when its inputs changed.
+#
+# What makes a stage run: its manifest.json is missing. Nothing else does.
+# - A stage's run folder is its identity: `python3 -m stages.paths` turns the stage's resolved settings into a
+#   readable name plus a hash of what differs from the defaults (the CLI uses the same function). Other
+#   settings give another folder, so Make runs that stage; the same settings, however spelled, give the same
+#   folder, so a complete stage is never redone.
+# - Upstream stages are order-only prerequisites: a student needs its cache to exist, but a newer cache file,
+#   an edited stage script or a reinstalled venv never retrains a teacher or re-dumps a cache. To redo a
+#   stage, delete its folder.
+# - A killed stage has no manifest, so Make reruns it, and the stage resumes from what it had written.
+# - Each stage takes only its own variables (below). Student variables cannot reach the teacher or the cache.
+#   `make plan` (or `make -n`) shows what would run.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
+# --- data (the teacher's split, which its cache and students inherit) ---
 DATASET   ?= fmnist-lt
-LOSS      ?= bsce
-SEED      ?= 0
 IF        ?= 100
 DATA_ROOT ?=
-SET       ?=
-DEVICE    ?= auto
-NPROC     ?= 1
-RUNS      ?= runs
-PYTHON    ?= python3
-VENV      ?= .venv
-# Common recipe keys as Make variables; any other key goes in SET="key=value ..." (teacher),
-# CACHE_SET (cache) or STUDENT_SET (student).
-EPOCHS    ?=
-LR        ?=
-BATCH     ?=
-MODEL     ?=
-# RIDE (MODEL=ride): experts of the teacher (default 6) with `make teacher`, of the student (default 4) otherwise
-EXPERTS   ?=
-# cache
+# --- teacher ---
+LOSS            ?= bsce
+TEACHER_SEED    ?= 0
+TEACHER_EPOCHS  ?=
+TEACHER_LR      ?=
+TEACHER_BATCH   ?=
+TEACHER_MODEL   ?=
+TEACHER_EXPERTS ?=
+TEACHER_SET     ?=
+# --- cache ---
 VIEWS     ?=
 CODEC     ?=
 CACHE_SET ?=
-# student
-TAU       ?=
-POWER     ?=
-ALPHA     ?=
-STUDENT_SEED ?= 0
-STUDENT_EPOCHS ?=
-STUDENT_MODEL ?=
-STUDENT_SET ?=
-MODE      ?= cached
-NAME      ?=
-# inspect
+# --- student ---
+TAU             ?=
+POWER           ?=
+ALPHA           ?=
+MODE            ?= cached
+STUDENT_SEED    ?= 0
+STUDENT_EPOCHS  ?=
+STUDENT_LR      ?=
+STUDENT_BATCH   ?=
+STUDENT_MODEL   ?=
+STUDENT_EXPERTS ?=
+STUDENT_SET     ?=
+# --- runtime: recorded in each manifest, never part of a run's identity ---
+DEVICE    ?= auto
+NPROC     ?= 1
+WORKERS   ?=
+# --- where things go ---
+RUNS      ?= runs
+PYTHON    ?= python3
+VENV      ?= .venv
+# --- inspect ---
 AT        ?= 1,1 3,0.5
 FLATNESS  ?=
-# flatness (two-class experiment): Fashion-MNIST classes, default T-shirt/top (0) vs Bag (8)
+# --- flatness (two-class experiment): Fashion-MNIST classes, default T-shirt/top (0) vs Bag (8) ---
 HEAD_CLASS ?= 0
 TAIL_CLASS ?= 8
-# sweep grid
+# --- sweep grid (students of one cache) ---
 TAUS      ?= 1 2 3 6 9
 POWERS    ?= 0.5 1
 SEEDS     ?= 0
@@ -52,42 +67,45 @@ export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 export MALLOC_TOP_PAD_ := 1073741824
 
-empty :=
-space := $(empty) $(empty)
-TEACHER_GOAL := $(filter teacher,$(MAKECMDGOALS))
-T_EXPERTS := $(if $(TEACHER_GOAL),$(filter-out 6,$(EXPERTS)))
-S_EXPERTS := $(if $(TEACHER_GOAL),,$(EXPERTS))
-USER_SET  := $(strip $(SET) $(if $(EPOCHS),epochs=$(EPOCHS)) $(if $(LR),lr=$(LR)) \
-                     $(if $(BATCH),batch_size=$(BATCH)) $(if $(MODEL),model=$(MODEL)) \
-                     $(if $(T_EXPERTS),experts=$(T_EXPERTS)))
-# A run folder's name says what differs from the recipe, so two configs never share a folder.
-SUFFIX    := $(if $(USER_SET),-$(subst /,_,$(subst =,,$(subst $(space),_,$(USER_SET)))))
-SET_ARGS  := $(foreach kv,imbalance=$(IF) $(USER_SET),--set $(kv))
-TAG       := $(DATASET)$(if $(filter-out 100,$(IF)),-if$(IF))
-ROOT_ARG  := $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
+# Variables of the old single recipe reached every stage at once (EPOCHS= retrained the teacher for a student).
+define AMBIGUOUS
+$(if $(filter command line,$(origin $(1))),$(error $(1)= no longer exists: it would reach more than one stage. Use TEACHER_$(1)= for the teacher or STUDENT_$(1)= for a student$(if $(filter SET,$(1)), (or CACHE_SET= for the cache))))
+endef
+$(foreach v,EPOCHS LR BATCH MODEL EXPERTS SET,$(call AMBIGUOUS,$(v)))
+$(if $(filter command line,$(origin SEED)),$(error SEED= no longer exists: use TEACHER_SEED= for the teacher or STUDENT_SEED= for a student))
+$(if $(filter command line,$(origin NAME)),$(error NAME= no longer exists: a student's folder is named by its settings; use `dive student --out FOLDER` for a folder of your own))
 
-TEACHER_NAME ?= teacher-$(LOSS)-seed$(SEED)$(SUFFIX)
-TEACHER_DIR  := $(RUNS)/$(TAG)/$(TEACHER_NAME)
+kv = $(if $(2),$(1)=$(2))
+RUNTIME_KV := $(call kv,workers,$(WORKERS))
+TEACHER_KV := loss=$(LOSS) seed=$(TEACHER_SEED) imbalance=$(IF) $(call kv,epochs,$(TEACHER_EPOCHS)) \
+              $(call kv,lr,$(TEACHER_LR)) $(call kv,batch_size,$(TEACHER_BATCH)) $(call kv,model,$(TEACHER_MODEL)) \
+              $(call kv,experts,$(TEACHER_EXPERTS)) $(TEACHER_SET) $(RUNTIME_KV)
+CACHE_KV   := $(call kv,views,$(VIEWS)) $(call kv,codec,$(CODEC)) $(CACHE_SET) $(RUNTIME_KV)
+STUDENT_KV := seed=$(STUDENT_SEED) mode=$(MODE) $(call kv,tau,$(TAU)) $(call kv,power,$(POWER)) \
+              $(call kv,alpha,$(ALPHA)) $(call kv,epochs,$(STUDENT_EPOCHS)) $(call kv,lr,$(STUDENT_LR)) \
+              $(call kv,batch_size,$(STUDENT_BATCH)) $(call kv,model,$(STUDENT_MODEL)) \
+              $(call kv,experts,$(STUDENT_EXPERTS)) $(STUDENT_SET) $(RUNTIME_KV)
+PATH_ARGS  := --runs $(RUNS) --dataset $(DATASET) $(foreach kv,$(TEACHER_KV),--teacher $(kv)) \
+              $(foreach kv,$(CACHE_KV),--cache $(kv)) $(foreach kv,$(STUDENT_KV),--student $(kv))
 
-CACHE_ALL    := $(strip $(CACHE_SET) $(if $(VIEWS),views=$(VIEWS)) $(if $(CODEC),codec=$(CODEC)))
-CACHE_DIR    := $(RUNS)/$(TAG)/cache-$(TEACHER_NAME)$(if $(CACHE_ALL),-$(subst =,,$(subst $(space),_,$(CACHE_ALL))))
-
-STUDENT_ALL  := $(strip $(STUDENT_SET) $(if $(STUDENT_EPOCHS),epochs=$(STUDENT_EPOCHS)) \
-                        $(if $(STUDENT_MODEL),model=$(STUDENT_MODEL)) $(if $(S_EXPERTS),experts=$(S_EXPERTS)))
-STUDENT_OPTS := $(if $(TAU),--tau $(TAU)) $(if $(POWER),--power $(POWER)) $(if $(ALPHA),--alpha $(ALPHA)) \
-                --seed $(STUDENT_SEED) --mode $(MODE) $(foreach kv,$(STUDENT_ALL),--set $(kv))
-STUDENT_NAME := $(or $(NAME),dive$(if $(TAU),-tau$(TAU))$(if $(POWER),-p$(POWER))$(if $(ALPHA),-a$(ALPHA))$(if \
-                $(STUDENT_ALL),-$(subst =,,$(subst $(space),-,$(STUDENT_ALL))))-seed$(STUDENT_SEED)$(if $(filter online,$(MODE)),-online))
-STUDENT_DIR  := $(CACHE_DIR)/students/$(STUDENT_NAME)
+# The three run folders, from the same function the CLI uses (the system Python: no venv needed to read them).
+RUN_DIRS := $(shell $(PYTHON) -m stages.paths $(PATH_ARGS))
+$(if $(filter error:,$(firstword $(RUN_DIRS))),$(error $(RUN_DIRS)))
+TEACHER_DIR := $(word 1,$(RUN_DIRS))
+CACHE_DIR   := $(word 2,$(RUN_DIRS))
+STUDENT_DIR := $(word 3,$(RUN_DIRS))
+TAG         := $(patsubst $(RUNS)/%,%,$(patsubst %/,%,$(dir $(TEACHER_DIR))))
+ROOT_ARG    := $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 STAMP := $(VENV)/.installed
 DIVE  := $(if $(filter 1,$(NPROC)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m stages.cli)
+sets   = $(foreach kv,$(1),--set $(kv))
 
 # The default dataset's files come from Debian's package unless DATA_ROOT points elsewhere.
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA_DEP := $(if $(and $(filter fmnist-lt,$(DATASET)),$(if $(DATA_ROOT),,yes)),$(FMNIST))
 
-.PHONY: help install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-student gpu-check clean-venv
+.PHONY: help plan install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-student gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -95,28 +113,25 @@ help: ## list the targets and variables
 	@echo "Targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 18
 	@echo
-	@echo "Variables (current value):"
-	@echo "  DATASET=$(DATASET)   fmnist-lt | cifar100-lt | imagenet-lt | inat2018"
-	@echo "  DATA_ROOT=$(DATA_ROOT)   dataset folder (default: the dataset's usual place)"
-	@echo "  IF=$(IF)   imbalance factor for fmnist-lt / cifar100-lt (10, 50, 100)"
-	@echo "  LOSS=$(LOSS)   teacher loss: bsce | ce"
-	@echo "  SEED=$(SEED)   seed of data order, views and initial weights"
-	@echo "  EPOCHS LR BATCH MODEL   common recipe overrides"
-	@echo "  SET=\"key=value ...\"   any recipe override (see: .venv/bin/dive recipe --dataset $(DATASET))"
-	@echo "  NPROC=$(NPROC)   processes per node under torchrun (GPUs, or gloo on CPU)"
-	@echo "  DEVICE=$(DEVICE)   auto | cpu | cuda"
-	@echo "  RUNS=$(RUNS)   where run folders go"
-	@echo "  VIEWS CODEC CACHE_SET   cache: views per image (V), float16 | int8, other cache keys"
-	@echo "  TAU POWER ALPHA STUDENT_SEED STUDENT_EPOCHS STUDENT_MODEL STUDENT_SET   student settings"
-	@echo "  MODEL=ride EXPERTS=   RIDE multi-expert models: teacher 6 experts (make teacher), student 4"
-	@echo "  MODE=$(MODE)   cached | online (the teacher run live on the same views)"
-	@echo "  NAME=   student run name (default: from its settings)"
-	@echo "  TAUS=\"$(TAUS)\" POWERS=\"$(POWERS)\" SEEDS=\"$(SEEDS)\"   the sweep grid"
-	@echo "  AT=\"$(AT)\" FLATNESS=   inspect: tau,p pairs; smallest tau reaching a min/max target"
+	@echo "Variables (current value). Each reaches one stage only:"
+	@echo "  data     DATASET=$(DATASET) (fmnist-lt | cifar100-lt | imagenet-lt | inat2018)  IF=$(IF)  DATA_ROOT=$(DATA_ROOT)"
+	@echo "  teacher  LOSS=$(LOSS) (bsce | ce)  TEACHER_SEED=$(TEACHER_SEED)  TEACHER_EPOCHS TEACHER_LR TEACHER_BATCH"
+	@echo "           TEACHER_MODEL (ride: RIDE experts)  TEACHER_EXPERTS  TEACHER_SET=\"key=value ...\""
+	@echo "  cache    VIEWS (V)  CODEC (float16 | int8)  CACHE_SET=\"key=value ...\" (batch_size=: the dump's batch)"
+	@echo "  student  TAU POWER ALPHA  MODE=$(MODE) (cached | online)  STUDENT_SEED=$(STUDENT_SEED)  STUDENT_EPOCHS"
+	@echo "           STUDENT_LR STUDENT_BATCH STUDENT_MODEL STUDENT_EXPERTS STUDENT_SET=\"key=value ...\""
+	@echo "  runtime  DEVICE=$(DEVICE) (auto | cpu | cuda)  NPROC=$(NPROC) (torchrun processes)  WORKERS (decode threads)"
+	@echo "  sweep    TAUS=\"$(TAUS)\" POWERS=\"$(POWERS)\" SEEDS=\"$(SEEDS)\" (student seeds)"
+	@echo "  inspect  AT=\"$(AT)\" FLATNESS=   RUNS=$(RUNS)"
+	@echo "Each stage's keys: .venv/bin/dive recipe --dataset $(DATASET)"
 	@echo
-	@echo "Folders now: teacher $(TEACHER_DIR)"
-	@echo "             cache   $(CACHE_DIR)"
-	@echo "             student $(STUDENT_DIR)"
+	@echo "Folders now (make plan: their settings and state):"
+	@echo "  teacher $(TEACHER_DIR)"
+	@echo "  cache   $(CACHE_DIR)"
+	@echo "  student $(STUDENT_DIR)"
+
+plan: ## show each stage's folder, whether it is complete or would run, and what differs from the defaults
+	@$(PYTHON) -m stages.paths --show $(PATH_ARGS)
 
 install: $(STAMP) ## make the virtual environment (.venv) and install the project into it
 
@@ -130,42 +145,28 @@ $(FMNIST):
 	@echo "Fashion-MNIST is missing: installing Debian's dataset-fashion-mnist (or set DATA_ROOT=)"
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
 
-# The request file changes only when the arguments do, so Make reruns a stage for a new config only.
-%/request.args: FORCE
-	@mkdir -p $(@D)
-	@echo '$(REQUEST)' | cmp -s - $@ || echo '$(REQUEST)' > $@
-FORCE:
-
-$(TEACHER_DIR)/request.args: REQUEST = teacher --dataset $(DATASET) --loss $(LOSS) --seed $(SEED) $(SET_ARGS) $(ROOT_ARG)
-
-$(TEACHER_DIR)/manifest.json: $(STAMP) $(DATA_DEP) $(TEACHER_DIR)/request.args stages/teacher.py
-	$(DIVE) teacher --dataset $(DATASET) --loss $(LOSS) --seed $(SEED) $(SET_ARGS) $(ROOT_ARG) \
-	  --device $(DEVICE) --out $(TEACHER_DIR)
+$(TEACHER_DIR)/manifest.json: | $(STAMP) $(DATA_DEP)
+	$(DIVE) teacher --dataset $(DATASET) $(call sets,$(TEACHER_KV)) $(ROOT_ARG) --device $(DEVICE) --runs $(RUNS)
 
 teacher: $(TEACHER_DIR)/manifest.json ## train the teacher (Balanced Softmax; LOSS=ce for the CE baseline)
 
-$(CACHE_DIR)/request.args: REQUEST = cache --teacher $(TEACHER_DIR) $(foreach kv,$(CACHE_ALL),--set $(kv)) $(ROOT_ARG)
-
-$(CACHE_DIR)/manifest.json: $(TEACHER_DIR)/manifest.json $(CACHE_DIR)/request.args stages/cache.py
-	$(DIVE) cache --teacher $(TEACHER_DIR) $(foreach kv,$(CACHE_ALL),--set $(kv)) $(ROOT_ARG) \
-	  --device $(DEVICE) --out $(CACHE_DIR)
+$(CACHE_DIR)/manifest.json: | $(TEACHER_DIR)/manifest.json
+	$(DIVE) cache --teacher $(TEACHER_DIR) $(call sets,$(CACHE_KV)) $(ROOT_ARG) --device $(DEVICE)
 
 cache: $(CACHE_DIR)/manifest.json ## dump teacher logits for V recorded views per image (VIEWS=, CODEC=)
 
-$(STUDENT_DIR)/request.args: REQUEST = student --cache $(CACHE_DIR) $(STUDENT_OPTS) $(ROOT_ARG)
+$(STUDENT_DIR)/manifest.json: | $(CACHE_DIR)/manifest.json
+	$(DIVE) student --cache $(CACHE_DIR) $(call sets,$(STUDENT_KV)) $(ROOT_ARG) --device $(DEVICE)
 
-$(STUDENT_DIR)/manifest.json: $(CACHE_DIR)/manifest.json $(STUDENT_DIR)/request.args stages/student.py
-	$(DIVE) student --cache $(CACHE_DIR) $(STUDENT_OPTS) $(ROOT_ARG) --device $(DEVICE) --out $(STUDENT_DIR)
+student: $(STUDENT_DIR)/manifest.json ## train a DiVE student from the cache (TAU= POWER= ALPHA= STUDENT_SEED= ...)
 
-student: $(STUDENT_DIR)/manifest.json ## train a DiVE student from the cache (TAU= POWER= ALPHA= NAME= STUDENT_SEED=)
-
-sweep: $(CACHE_DIR)/manifest.json ## train students over TAUS x POWERS x SEEDS from one cache, then report
+sweep: | $(CACHE_DIR)/manifest.json ## train students over TAUS x POWERS x SEEDS from one cache, then report
 	@for seed in $(SEEDS); do for tau in $(TAUS); do for p in $(POWERS); do \
 	  $(MAKE) --no-print-directory student TAU=$$tau POWER=$$p STUDENT_SEED=$$seed || exit 1; \
 	done; done; done
 	$(MAKE) --no-print-directory report
 
-inspect: $(CACHE_DIR)/manifest.json ## virtual example distributions of the cache at AT="tau,p ..." (FLATNESS=)
+inspect: | $(CACHE_DIR)/manifest.json ## virtual example distributions of the cache at AT="tau,p ..." (FLATNESS=)
 	$(DIVE) inspect --cache $(CACHE_DIR) $(foreach a,$(AT),--at $(a)) $(if $(FLATNESS),--flatness $(FLATNESS))
 
 flatness: $(STAMP) $(FMNIST) ## two-class experiment: head/tail accuracy against the virtual ratio R (HEAD_CLASS= TAIL_CLASS=)

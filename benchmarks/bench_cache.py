@@ -21,35 +21,35 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import recipe_for  # noqa: E402
-from pipeline.data import make_executor  # noqa: E402
-from pipeline.distill import row_order  # noqa: E402
-from pipeline.distributed import Dist  # noqa: E402
+from pipeline.settings import cache_settings, teacher_settings  # noqa: E402
+from pipeline.data.loaders import make_executor  # noqa: E402
+from pipeline.data.targets import row_order  # noqa: E402
+from pipeline.train.distributed import Dist  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.sources import load_source  # noqa: E402
+from pipeline.data.sources import load_source  # noqa: E402
 from stages.cache import directory_bytes, dump, shard_views, teacher_logits  # noqa: E402
 from store import codecs  # noqa: E402
 from store.schema import Layout  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
 
 
-def forward_only(recipe, model, executor, writer_layout, rows, device) -> float:
+def forward_only(spec, cache, model, executor, writer_layout, rows, device) -> float:
     """Seconds to run the teacher over every shard's views, without storing anything."""
     start = time.perf_counter()
     for k in range(writer_layout.n_shards):
         lo, hi = writer_layout.shard_range(k)
-        index, params = shard_views(recipe, executor, rows[lo:hi])
-        teacher_logits(model, executor, index, params, recipe, device)
+        index, params = shard_views(spec, cache, executor, rows[lo:hi])
+        teacher_logits(model, executor, index, params, cache, device)
     return time.perf_counter() - start
 
 
-def one_dump(recipe, model, executor, source, rows, path: Path, device) -> tuple[float, int]:
+def one_dump(spec, cache, model, executor, source, rows, path: Path, device) -> tuple[float, int]:
     """Seconds for the stage's dump into a new store at ``path`` (closed, complete), and its bytes."""
     start = time.perf_counter()
-    writer = StoreWriter.create_or_resume(path, len(source.train), recipe.views, source.num_classes, recipe.codec,
+    writer = StoreWriter.create_or_resume(path, len(source.train), cache.views, source.num_classes, cache.codec,
                                           source.train.labels[rows], source.train.ids[rows], source.class_counts,
-                                          {"recipe": recipe.to_dict(), "view_spec": {}, "fingerprints": {}})
-    dump(recipe, model, executor, writer, rows, Dist(device=device), log=lambda *a, **k: None)
+                                          {"recipe": cache.to_dict(), "view_spec": {}, "fingerprints": {}})
+    dump(spec, cache, model, executor, writer, rows, Dist(device=device), log=lambda *a, **k: None)
     writer.mark_complete()
     return time.perf_counter() - start, directory_bytes(path)
 
@@ -62,30 +62,31 @@ def main() -> None:
     parser.add_argument("--codec", default="float16")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    recipe = recipe_for(args.dataset, [f"views={args.views}", f"codec={args.codec}"])
+    teacher = teacher_settings(args.dataset)
+    cache = cache_settings(args.dataset, [f"views={args.views}", f"codec={args.codec}"])
+    spec = teacher.view_spec()
     source = load_source(args.dataset)
     torch.manual_seed(0)
-    model = build_model(recipe.model, source.num_classes, source.train.images.shape[-1]).to(device).eval()
-    if recipe.channels_last:
+    model = build_model(teacher.model, source.num_classes, source.in_channels).to(device).eval()
+    if cache.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    executor = make_executor(source.train, recipe.view_spec(), source.mean, source.std, recipe.batch_size,
-                             recipe.workers, device)
+    executor = make_executor(source.train, spec, source.mean, source.std, cache.batch_size, cache.workers, device)
     images = len(source.train) * args.views
     root = Path(tempfile.mkdtemp(prefix="bench_cache."))
     fwd, dmp, sizes = [], [], []
     try:
         for r in range(args.repeats):
             layout = Layout.choose(len(source.train), args.views, source.num_classes, 8, codecs.check(args.codec))
-            rows = row_order(len(source.train), recipe.view_seed)
-            fwd.append(forward_only(recipe, model, executor, layout, rows, device))
-            seconds, size = one_dump(recipe, model, executor, source, rows, root / f"s{r}.zarr", device)
+            rows = row_order(len(source.train), cache.view_seed)
+            fwd.append(forward_only(spec, cache, model, executor, layout, rows, device))
+            seconds, size = one_dump(spec, cache, model, executor, source, rows, root / f"s{r}.zarr", device)
             dmp.append(seconds)
             sizes.append(size)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     f, d = images / min(fwd), images / min(dmp)
     print(f"cache benchmark: {args.dataset}, {len(source.train):,} images x {args.views} views = {images:,} "
-          f"teacher passes, {recipe.model}, batch {recipe.batch_size}, {device}, {os.cpu_count()} CPUs, "
+          f"teacher passes, {teacher.model}, batch {cache.batch_size}, {device}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'':<28}{'images/s':>10}{'seconds':>10}")
     print(f"{'teacher forward only':<28}{f:>10,.0f}{min(fwd):>10.2f}")

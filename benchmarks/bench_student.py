@@ -22,32 +22,32 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.config import recipe_for  # noqa: E402
-from pipeline.data import ViewLoader, make_executor  # noqa: E402
-from pipeline.distill import CachedTargets, OnlineTargets, row_order  # noqa: E402
-from pipeline.distributed import Dist  # noqa: E402
-from pipeline.losses import BalancedSoftmax, DiVELoss  # noqa: E402
+from pipeline.settings import cache_settings, student_settings, teacher_settings  # noqa: E402
+from pipeline.data.loaders import ViewLoader, make_executor  # noqa: E402
+from pipeline.data.targets import CachedTargets, OnlineTargets, row_order  # noqa: E402
+from pipeline.train.distributed import Dist  # noqa: E402
+from pipeline.train.losses import BalancedSoftmax, DiVELoss  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.sources import load_source  # noqa: E402
-from pipeline.train import make_optimizer, train_one_epoch  # noqa: E402
+from pipeline.data.sources import load_source  # noqa: E402
+from pipeline.train.loop import make_optimizer, train_one_epoch  # noqa: E402
 from stages.cache import dump  # noqa: E402
 from store.reader import LogitStore  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
 
 
-def model_for(recipe, source, device):
+def model_for(settings, source, device):
     torch.manual_seed(0)
-    model = build_model(recipe.model, source.num_classes, source.train.images.shape[-1]).to(device)
-    return model.to(memory_format=torch.channels_last) if recipe.channels_last else model
+    model = build_model(settings.model, source.num_classes, source.in_channels).to(device)
+    return model.to(memory_format=torch.channels_last) if settings.channels_last else model
 
 
-def write_cache(recipe, source, teacher, executor, path: Path, device) -> LogitStore:
-    attrs = {"recipe": recipe.to_dict(), "view_spec": {}, "fingerprints": {}, "view_seed": recipe.view_seed}
-    rows = row_order(len(source.train), recipe.view_seed)
-    writer = StoreWriter.create_or_resume(path, len(source.train), recipe.views, source.num_classes, recipe.codec,
+def write_cache(spec, cache, source, teacher, executor, path: Path, device) -> LogitStore:
+    attrs = {"recipe": cache.to_dict(), "view_spec": {}, "fingerprints": {}, "view_seed": cache.view_seed}
+    rows = row_order(len(source.train), cache.view_seed)
+    writer = StoreWriter.create_or_resume(path, len(source.train), cache.views, source.num_classes, cache.codec,
                                           source.train.labels[rows], source.train.ids[rows], source.class_counts,
                                           attrs)
-    dump(recipe, teacher, executor, writer, rows, Dist(device=device), log=lambda *a, **k: None)
+    dump(spec, cache, teacher, executor, writer, rows, Dist(device=device), log=lambda *a, **k: None)
     writer.mark_complete()
     return LogitStore.open(path)
 
@@ -59,20 +59,21 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    recipe = recipe_for(args.dataset, [f"views={args.views}"])
+    teacher_cfg = teacher_settings(args.dataset)
+    cache = cache_settings(args.dataset, [f"views={args.views}"])
+    recipe = student_settings(args.dataset)
+    spec = teacher_cfg.view_spec()
     source = load_source(args.dataset)
     counts = torch.as_tensor(source.class_counts)
-    executor = make_executor(source.train, recipe.view_spec(), source.mean, source.std, recipe.batch_size,
-                             recipe.workers, device)
-    teacher = model_for(recipe, source, device).eval()
+    executor = make_executor(source.train, spec, source.mean, source.std, recipe.batch_size, recipe.workers, device)
+    teacher = model_for(teacher_cfg, source, device).eval()
     root = Path(tempfile.mkdtemp(prefix="bench_student."))
     try:
-        store = write_cache(recipe, source, teacher, executor, root / "logits.zarr", device)
+        store = write_cache(spec, cache, source, teacher, executor, root / "logits.zarr", device)
         cached = CachedTargets(store, source.train.ids, executor, recipe.batch_size, seed=0)
-        online = OnlineTargets.like(store, source.train, teacher, recipe.view_spec(), executor, recipe.batch_size, 0,
-                                    device,
+        online = OnlineTargets.like(store, source.train, teacher, spec, executor, recipe.batch_size, 0, device,
                                     recipe.bf16, recipe.channels_last)
-        plain = ViewLoader(source.train, recipe.view_spec(), executor, recipe.batch_size, 0, train=True)
+        plain = ViewLoader(source.train, spec, executor, recipe.batch_size, 0, train=True)
         bsce = BalancedSoftmax(counts).to(device)
         dive = DiVELoss(counts, recipe.tau, recipe.power, recipe.alpha).to(device)
         modes = {

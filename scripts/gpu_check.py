@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import views  # noqa: E402
-from pipeline.dali import DaliExecutor, image_sizes  # noqa: E402
+from pipeline.data import views  # noqa: E402
+from pipeline.data.dali import DaliExecutor, image_sizes  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_GLOBS = ("/usr/share/doc/opencv-doc/examples/data/*.jpg", "/usr/share/libjxl-testdata/jxl/flower/*.jpg")

@@ -15,39 +15,35 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import recipe_for
-from pipeline.sources import DataError, load_source
-from pipeline.sources.base import GROUPS, class_groups
+from pipeline.data.sources import DataError, load_source
+from pipeline.data.sources.base import GROUPS, class_groups
 from store.manifest import ArtifactError, write_json_atomic
 
-from .common import in_sample_order
-from .report import collect
+from .artifacts import collect_runs, in_sample_order, settings_of
 
 GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
 METHODS = ("CE", "BSCE", "DiVE")
 
 
 def pick_models(runs: Path, chosen: dict[str, Path] | None = None) -> dict[str, Path]:
-    """One run folder per method: the lowest-seed CE and BSCE teachers, and a DiVE student of that BSCE
-    teacher's cache, at the recipe's default tau / p / alpha if there is one. ``chosen`` overrides any."""
-    rows = collect(runs)
+    """One run folder per method: the lowest-seed CE and BSCE teachers, and a cached DiVE student of that BSCE
+    teacher's cache, at the dataset's default settings if there is one. ``chosen`` overrides any."""
+    records = collect_runs(runs)
     picked: dict[str, Path] = {}
 
     def first(candidates):
-        return Path(min(candidates, key=lambda r: (r["seed"], r["path"]))["path"]) if candidates else None
+        return min(candidates, key=lambda r: (r.seed, str(r.path))).path if candidates else None
 
     for method, name in (("CE", "CE"), ("BSCE", "BSCE (teacher)")):
-        found = first([r for r in rows if r["method"] == name])
+        found = first([r for r in records if r.method == name])
         if found:
             picked[method] = found
-    students = [r for r in rows if r["method"] == "DiVE" and r["settings"].get("mode", "cached") == "cached"]
+    students = [r for r in records if r.method == "DiVE" and r.settings.mode == "cached"]
     if "BSCE" in picked:
-        students = [r for r in students if r["settings"]["teacher"] == picked["BSCE"].name] or students
+        mine = [r for r in students if r.upstream == f"cache-{picked['BSCE'].name}"]
+        students = mine or students
     if students:
-        dataset = json.loads((Path(students[0]["path"]) / "manifest.json").read_text())["config"]["dataset"]
-        recipe = recipe_for(dataset, [])
-        default = [r for r in students if (r["settings"]["tau"], r["settings"]["power"], r["settings"]["alpha"])
-                   == (recipe.tau, recipe.power, recipe.alpha)]
+        default = [r for r in students if not r.changed()]  # nothing differs from the defaults but the seed
         picked["DiVE"] = first(default or students)
     picked.update(chosen or {})
     missing = [m for m in METHODS if m not in picked]
@@ -70,7 +66,7 @@ def load_evals(models: dict[str, Path]) -> tuple[dict[str, dict], np.ndarray, np
         if labels is None:
             labels = evals[method]["labels"]
             counts = np.array(json.loads((folder / "metrics.json").read_text())["class_counts"])
-            dataset = manifest["config"]["dataset"]
+            dataset = settings_of(manifest["config"], "teacher").dataset
         elif not np.array_equal(labels, evals[method]["labels"]):
             raise ArtifactError(f"{folder} was tested on other test samples than {models['CE']}; "
                                 "compare runs of one dataset")

@@ -16,39 +16,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Recipe
-from pipeline.data import make_executor
-from pipeline.distill import row_order
-from pipeline.distributed import Dist, barrier, init_from_env
-from pipeline.models import build_model
-from pipeline.sources import Source, load_source
-from pipeline.train import autocast, load_checkpoint, to_device
-from pipeline.views import P, view_params
+from pipeline.data.loaders import make_executor
+from pipeline.data.sources import Source, load_source
+from pipeline.data.targets import row_order
+from pipeline.data.views import P, ViewSpec, view_params
+from pipeline.device import autocast, to_device
+from pipeline.settings import CacheSettings, TeacherSettings
+from pipeline.train.distributed import Dist, barrier, init_from_env
 from store import codecs
 from store.manifest import ArtifactError, check_fingerprint, read_manifest, sha256_file, write_manifest
 from store.reader import LogitStore
 from store.writer import StoreWriter
 
-from .common import derived_recipe, prepare_run_dir
-
-STORE = "logits.zarr"
-EXPERT_STORE = "expert_logits.zarr"  # a RIDE teacher's per-expert logits, class axis = expert-major E x C
-CACHE_KEYS = ("views", "view_seed", "codec", "batch_size", "workers", "bf16", "channels_last", "expert_logits")
+from .artifacts import EXPERT_STORE, STORE, load_teacher, prepare_run_dir, teacher_of
 
 
-def cache_recipe(teacher_dir: Path, overrides: dict) -> Recipe:
-    """The teacher's resolved recipe with cache-time keys (V, view seed, codec, batch) replaced."""
-    return derived_recipe(read_manifest(teacher_dir, "teacher")["config"], overrides, CACHE_KEYS, "cache")
-
-
-def load_teacher(teacher_dir: Path, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    """The teacher's final weights (loaded weights-only), in eval mode."""
-    state = load_checkpoint(teacher_dir / "model.pt")
-    model = build_model(state["model_name"], state["num_classes"], state["in_channels"],
-                        state.get("config", {}).get("experts", 0))
-    model.load_state_dict(state["model"])
-    model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+def identity(teacher: TeacherSettings, cache: CacheSettings, teacher_sha: str) -> dict:
+    """What a cache is: its teacher's settings and weights, and its own settings without the runtime keys."""
+    return {"stage": "cache", "teacher": teacher.identity(), "cache": cache.identity(), "teacher_sha256": teacher_sha}
 
 
 def planned_bytes(n: int, v: int, c: int, codec: str) -> int:
@@ -66,15 +51,15 @@ def check_room(out: Path, need: int, log) -> None:
 
 
 @torch.no_grad()
-def teacher_logits(model, executor, index: np.ndarray, params: np.ndarray, recipe: Recipe,
+def teacher_logits(model, executor, index: np.ndarray, params: np.ndarray, cache: CacheSettings,
                    device: torch.device, experts: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw teacher logits (float32) of samples ``index`` seen through views ``params``, in batches; with
     ``experts``, also a RIDE teacher's per-expert logits [N, E * C] (expert-major)."""
     out, per_expert = [], []
-    for start in range(0, len(index), recipe.batch_size):
-        sl = slice(start, start + recipe.batch_size)
-        images = to_device(executor.run(index[sl], params[sl]), device, recipe.channels_last)
-        with autocast(device, recipe.bf16):
+    for start in range(0, len(index), cache.batch_size):
+        sl = slice(start, start + cache.batch_size)
+        images = to_device(executor.run(index[sl], params[sl]), device, cache.channels_last)
+        with autocast(device, cache.bf16):
             result = model(images)
         out.append(result["logits"].float().cpu().numpy())
         if experts:
@@ -83,16 +68,17 @@ def teacher_logits(model, executor, index: np.ndarray, params: np.ndarray, recip
     return np.concatenate(out), (np.concatenate(per_expert) if experts else None)
 
 
-def shard_views(recipe: Recipe, executor, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def shard_views(spec: ViewSpec, cache: CacheSettings, executor, positions: np.ndarray) -> tuple[np.ndarray,
+                                                                                                np.ndarray]:
     """Every (sample, view) pair of the samples at ``positions``: their indices and view parameters,
     sample-major."""
-    index = np.repeat(positions, recipe.views)
-    views = np.tile(np.arange(recipe.views), len(positions))
-    params = view_params(recipe.view_spec(), recipe.view_seed, index, views, *executor.sizes(index))
+    index = np.repeat(positions, cache.views)
+    views = np.tile(np.arange(cache.views), len(positions))
+    params = view_params(spec, cache.view_seed, index, views, *executor.sizes(index))
     return index, params
 
 
-def dump(recipe: Recipe, model, executor, writer: StoreWriter, rows: np.ndarray, dist: Dist, log,
+def dump(spec: ViewSpec, cache: CacheSettings, model, executor, writer: StoreWriter, rows: np.ndarray, dist: Dist, log,
          expert_writer: StoreWriter | None = None) -> int:
     """Compute and queue every shard this rank still owns (store row r holds sample ``rows[r]``), into the
     logit store and, if given, the per-expert store (each gets the shards it lacks); returns the images run."""
@@ -100,21 +86,21 @@ def dump(recipe: Recipe, model, executor, writer: StoreWriter, rows: np.ndarray,
     expert_todo = {s.index: s for s in expert_writer.missing_shards(dist.rank, dist.world)} if expert_writer else {}
     shards = {**expert_todo, **main_todo}
     todo = [shards[k] for k in sorted(shards)]
-    total = sum(s.stop - s.start for s in todo) * recipe.views
+    total = sum(s.stop - s.start for s in todo) * cache.views
     done, start_time = 0, time.perf_counter()
     if dist.main and len(todo) < writer.layout.n_shards // dist.world:
         log(f"cache: resuming, {len(todo)} shards left for this rank")
     with writer, (expert_writer or contextlib.nullcontext()):  # on any error, queued shards are still written
         for shard in todo:
-            index, params = shard_views(recipe, executor, rows[shard.start:shard.stop])
-            logits, per_expert = teacher_logits(model, executor, index, params, recipe, dist.device,
+            index, params = shard_views(spec, cache, executor, rows[shard.start:shard.stop])
+            logits, per_expert = teacher_logits(model, executor, index, params, cache, dist.device,
                                                 experts=shard.index in expert_todo)
             n = shard.stop - shard.start
-            views = params.reshape(n, recipe.views, P)
+            views = params.reshape(n, cache.views, P)
             if shard.index in main_todo:
-                writer.write_shard(shard.index, logits.reshape(n, recipe.views, -1), views)
+                writer.write_shard(shard.index, logits.reshape(n, cache.views, -1), views)
             if shard.index in expert_todo:
-                expert_writer.write_shard(shard.index, per_expert.reshape(n, recipe.views, -1), views)
+                expert_writer.write_shard(shard.index, per_expert.reshape(n, cache.views, -1), views)
             done += len(index)
             rate = done / (time.perf_counter() - start_time)
             if dist.main:
@@ -123,52 +109,51 @@ def dump(recipe: Recipe, model, executor, writer: StoreWriter, rows: np.ndarray,
     return done
 
 
-def run(teacher_dir: Path, out: Path, overrides: dict | None = None, data_root: Path | None = None,
+def run(teacher_dir: Path, out: Path, cache: CacheSettings, data_root: Path | None = None,
         device: str = "auto", log=print) -> Path:
     """Dump the teacher's logits for V views of every training image into ``out / logits.zarr``."""
     dist = init_from_env(device)
-    recipe = cache_recipe(teacher_dir, overrides or {})
+    teacher = teacher_of(teacher_dir)
     teacher_manifest = read_manifest(teacher_dir, "teacher")
-    source = load_source(recipe.dataset, data_root, recipe.imbalance)
+    source = load_source(teacher.dataset, data_root, teacher.imbalance)
     check_fingerprint("dataset sample list", teacher_manifest["inputs"]["train_samples"], source.fingerprint(),
-                      f"teacher {teacher_dir} and dataset {recipe.dataset}")
+                      f"teacher {teacher_dir} and dataset {teacher.dataset}")
     teacher_sha = sha256_file(teacher_dir / "model.pt")
-    config = {**recipe.to_dict(), "stage": "cache", "teacher": str(teacher_dir), "teacher_sha256": teacher_sha}
-    if prepare_run_dir(out, config):
+    if prepare_run_dir(out, identity(teacher, cache, teacher_sha)):
         log(f"{out} is complete; nothing to do")
         return out / STORE
-    n, c = len(source.train), source.num_classes
-    experts = recipe.experts  # the teacher's (its saved recipe), 0 for a single model
-    if recipe.expert_logits and not experts:
+    n, c, v = len(source.train), source.num_classes, cache.views
+    experts = teacher.experts  # 0 for a single model
+    if cache.expert_logits and not experts:
         raise ArtifactError(f"expert_logits=true needs a RIDE teacher; {teacher_dir} is a single "
-                            f"{recipe.model} model. Drop expert_logits or train the teacher with model=ride.")
+                            f"{teacher.model} model. Drop expert_logits or train the teacher with model=ride.")
     if dist.main:
-        need = planned_bytes(n, recipe.views, c, recipe.codec)
-        if recipe.expert_logits:
-            extra = planned_bytes(n, recipe.views, experts * c, recipe.codec)
-            log(f"cache: per-expert logits of the {experts} experts add {extra / 2**20:,.1f} MiB "
-                f"({EXPERT_STORE})")
+        need = planned_bytes(n, v, c, cache.codec)
+        if cache.expert_logits:
+            extra = planned_bytes(n, v, experts * c, cache.codec)
+            log(f"cache: per-expert logits of the {experts} experts add {extra / 2**20:,.1f} MiB ({EXPERT_STORE})")
             need += extra
         check_room(out, need, log)
-        log(f"cache: {n:,} images x {recipe.views} views of {recipe.dataset}, {c} classes, codec {recipe.codec}, "
+        log(f"cache: {n:,} images x {v} views of {teacher.dataset}, {c} classes, codec {cache.codec}, "
             f"on {dist.device} x{dist.world}")
-    attrs = {"recipe": recipe.to_dict(), "view_spec": dataclasses.asdict(recipe.view_spec()),
-             "view_seed": recipe.view_seed, "fingerprints": fingerprints(teacher_sha, source),
-             "row_order": "seeded permutation of the training split (pipeline.distill.row_order); ids name rows"}
-    rows = row_order(n, recipe.view_seed)
-    writer = StoreWriter.create_or_resume(out / STORE, n, recipe.views, c, recipe.codec, source.train.labels[rows],
-                                          source.train.ids[rows], source.class_counts, attrs)
+    spec = teacher.view_spec()
+    attrs = {"recipe": {"teacher": teacher.to_dict(), "cache": cache.to_dict()},
+             "view_spec": dataclasses.asdict(spec), "view_seed": cache.view_seed,
+             "fingerprints": fingerprints(teacher_sha, source),
+             "row_order": "seeded permutation of the training split (pipeline.data.targets.row_order); ids name rows"}
+    rows = row_order(n, cache.view_seed)
+    labels, ids = source.train.labels[rows], source.train.ids[rows]
+    writer = StoreWriter.create_or_resume(out / STORE, n, v, c, cache.codec, labels, ids, source.class_counts, attrs)
     expert_writer = None
-    if recipe.expert_logits:
+    if cache.expert_logits:
         expert_writer = StoreWriter.create_or_resume(
-            out / EXPERT_STORE, n, recipe.views, experts * c, recipe.codec, source.train.labels[rows],
-            source.train.ids[rows], np.tile(source.class_counts, experts), {**attrs, "experts": experts, "classes": c,
-                                                          "class_axis": "expert-major: expert e, class k at e * C + k"})
-    model = load_teacher(teacher_dir, dist.device, recipe.channels_last)
-    executor = make_executor(source.train, recipe.view_spec(), source.mean, source.std, recipe.batch_size,
-                             recipe.workers, dist.device)
+            out / EXPERT_STORE, n, v, experts * c, cache.codec, labels, ids, np.tile(source.class_counts, experts),
+            {**attrs, "experts": experts, "classes": c, "class_axis": "expert-major: expert e, class k at e * C + k"})
+    model = load_teacher(teacher_dir, dist.device, cache.channels_last)
+    executor = make_executor(source.train, spec, source.mean, source.std, cache.batch_size, cache.workers,
+                             dist.device)
     start = time.perf_counter()
-    images = dump(recipe, model, executor, writer, rows, dist, log, expert_writer)
+    images = dump(spec, cache, model, executor, writer, rows, dist, log, expert_writer)
     barrier(dist)
     if dist.main:
         writer.mark_complete()
@@ -179,6 +164,8 @@ def run(teacher_dir: Path, out: Path, overrides: dict | None = None, data_root: 
         store = LogitStore.open(out / STORE, expect=attrs["fingerprints"])
         seconds = time.perf_counter() - start
         size = sum(directory_bytes(out / name) for name in outputs)
+        config = {**identity(teacher, cache, teacher_sha), "runtime": {**cache.runtime(), "world": dist.world},
+                  "teacher_dir": str(teacher_dir)}
         write_manifest(out, "cache", config, inputs={"teacher_model": teacher_sha, **attrs["fingerprints"]},
                        outputs=outputs, extra={
                            "layout": store.layout.to_dict(), "seconds": seconds, "images": images, "bytes": size})

@@ -7,17 +7,18 @@ from typing import List, Optional
 
 import typer
 
-from pipeline.config import ConfigError, recipe_for
-from pipeline.sources import DataError
+from pipeline.data.sources import DataError
+from pipeline.settings import ConfigError, cache_dir, resolve, student_dir, teacher_dir
 from store.manifest import ArtifactError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DiVE: offline logit-caching distillation for long-tailed recognition.")
 
 DatasetOpt = typer.Option("fmnist-lt", "--dataset", "-d", help="fmnist-lt, cifar100-lt, imagenet-lt or inat2018")
-SetOpt = typer.Option(None, "--set", "-s", help="recipe override key=value (repeatable)")
+SetOpt = typer.Option(None, "--set", "-s", help="a setting of this stage, key=value (repeatable)")
 RootOpt = typer.Option(None, "--data-root", help="dataset folder (default: the dataset's usual place)")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda")
+RunsOpt = typer.Option(Path("runs"), "--runs", help="where run folders go (with no --out)")
 
 
 def _fail(error: Exception) -> None:
@@ -25,83 +26,69 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(2)
 
 
-def default_out(dataset: str, stage: str, tag: str) -> Path:
-    return Path("runs") / dataset / f"{stage}-{tag}"
+def _with(overrides: Optional[List[str]], **named) -> list[str]:
+    """``--set`` items plus the named options that were given, as key=value strings."""
+    return [*(overrides or []), *(f"{k}={v}" for k, v in named.items() if v is not None)]
 
 
 @app.command()
-def teacher(dataset: str = DatasetOpt, loss: str = typer.Option("bsce", help="bsce (Balanced Softmax) or ce"),
-            seed: int = typer.Option(0), overrides: Optional[List[str]] = SetOpt,
-            data_root: Optional[Path] = RootOpt, out: Optional[Path] = typer.Option(None, help="run folder"),
-            device: str = DeviceOpt) -> None:
+def teacher(dataset: str = DatasetOpt, loss: Optional[str] = typer.Option(None, help="bsce (default) or ce"),
+            seed: Optional[int] = typer.Option(None, help="seed of data order, views and weights (default 0)"),
+            overrides: Optional[List[str]] = SetOpt, data_root: Optional[Path] = RootOpt,
+            out: Optional[Path] = typer.Option(None, help="run folder (default: from the settings, under --runs)"),
+            runs: Path = RunsOpt, device: str = DeviceOpt) -> None:
     """Train a teacher with Balanced Softmax (or the plain CE baseline)."""
     from stages import teacher as stage
 
     try:
-        recipe = recipe_for(dataset, [f"loss={loss}", f"seed={seed}", *(overrides or [])])
-        stage.run(recipe, out or default_out(dataset, "teacher", f"{loss}-seed{seed}"), data_root, device)
+        settings = resolve("teacher", dataset, _with(overrides, loss=loss, seed=seed))
+        stage.run(settings, out or teacher_dir(runs, settings), data_root, device)
     except (ConfigError, DataError, ArtifactError) as error:
         _fail(error)
-
-
-def _overrides(items: Optional[List[str]]) -> dict:
-    """``key=value`` items as a dict of typed recipe values; the stage checks them against its run's recipe."""
-    from pipeline.config import parse_overrides
-
-    return parse_overrides(items or [])
 
 
 @app.command()
 def cache(teacher: Path = typer.Option(..., help="the teacher's run folder"),
-          out: Optional[Path] = typer.Option(None, help="cache folder (default: beside the teacher)"),
+          out: Optional[Path] = typer.Option(None, help="cache folder (default: beside the teacher, named by the "
+                                                         "settings)"),
           overrides: Optional[List[str]] = typer.Option(None, "--set", "-s",
-                                                        help="views=V, view_seed=, codec=float16|int8, batch_size="),
+                                                        help="views=V, view_seed=, codec=float16|int8, "
+                                                             "expert_logits=, batch_size= (of the dump) ..."),
           data_root: Optional[Path] = RootOpt, device: str = DeviceOpt) -> None:
     """Dump the teacher's raw logits for V recorded views of every training image into a Zarr store."""
     from stages import cache as stage
+    from stages.artifacts import teacher_of
 
     try:
-        values = _overrides(overrides)
-        out = out or teacher.parent / f"cache-{teacher.name}"
-        stage.run(teacher, out, values, data_root, device)
+        dataset = teacher_of(teacher).dataset
+        settings = resolve("cache", dataset, overrides or [])
+        stage.run(teacher, out or cache_dir(teacher, settings, dataset), settings, data_root, device)
     except (ConfigError, DataError, ArtifactError) as error:
         _fail(error)
 
 
 @app.command()
-def student(cache_dir: Path = typer.Option(..., "--cache", help="the cache's folder"),
-            out: Optional[Path] = typer.Option(None, help="student run folder"),
-            name: Optional[str] = typer.Option(None, help="run name (default: from the settings)"),
-            tau: Optional[float] = typer.Option(None, help="temperature (default: the recipe's)"),
+def student(cache_folder: Path = typer.Option(..., "--cache", help="the cache's folder"),
+            out: Optional[Path] = typer.Option(None, help="student run folder (default: under the cache, named "
+                                                           "by the settings)"),
+            tau: Optional[float] = typer.Option(None, help="temperature (default: the dataset's)"),
             power: Optional[float] = typer.Option(None, help="power normalization p (1: none)"),
             alpha: Optional[float] = typer.Option(None, help="weight of the distillation term"),
-            seed: int = typer.Option(0, help="the student's seed"),
-            mode: str = typer.Option("cached", help="cached (read the store) or online (run the teacher)"),
+            seed: Optional[int] = typer.Option(None, help="the student's seed (default 0)"),
+            mode: Optional[str] = typer.Option(None, help="cached (default: read the store) or online (run the "
+                                                          "teacher)"),
             overrides: Optional[List[str]] = SetOpt, data_root: Optional[Path] = RootOpt,
             device: str = DeviceOpt) -> None:
     """Train a DiVE student from a cache: replayed views, cached soft targets, no teacher."""
     from stages import student as stage
 
     try:
-        values = _overrides(overrides)
-        for key, value in (("tau", tau), ("power", power), ("alpha", alpha)):
-            if value is not None:
-                values[key] = value
-        values["seed"] = seed
-        if out is None:
-            tag = name or student_name(values, mode)
-            out = cache_dir / "students" / tag
-        stage.run(cache_dir, out, values, mode, data_root, device)
+        dataset = stage.cache_teacher(cache_folder).dataset
+        settings = resolve("student", dataset, _with(overrides, tau=tau, power=power, alpha=alpha, seed=seed,
+                                                     mode=mode))
+        stage.run(cache_folder, out or student_dir(cache_folder, settings, dataset), settings, data_root, device)
     except (ConfigError, DataError, ArtifactError) as error:
         _fail(error)
-
-
-def student_name(values: dict, mode: str) -> str:
-    """A run name that says the settings: e.g. ``tau3-p0.5-a0.5-seed0``."""
-    parts = [f"{key}{values[key]:g}" for key in ("tau", "power", "alpha") if key in values]
-    rest = [f"{k}{v}" for k, v in sorted(values.items()) if k not in ("tau", "power", "alpha", "seed")]
-    name = "-".join(["dive", *parts, *rest, f"seed{values.get('seed', 0)}"]).replace("power", "p").replace("alpha", "a")
-    return name + ("-online" if mode == "online" else "")
 
 
 @app.command()
@@ -167,7 +154,7 @@ def flatness(out: Path = typer.Option(Path("runs/flatness"), help="output folder
              steps: int = typer.Option(400, help="SGD steps per run"),
              data_root: Optional[Path] = RootOpt) -> None:
     """The two-class experiment (DiVE Appendix A): head and tail accuracy against the virtual ratio R."""
-    from pipeline.flatness import Schedule
+    from pipeline.analysis.flatness import Schedule
     from stages import flatness as stage
 
     try:
@@ -238,13 +225,34 @@ def samples(runs: Path = typer.Option(Path("runs/fmnist-lt"), help="a dataset's 
 
 
 @app.command()
-def recipe(dataset: str = DatasetOpt, overrides: Optional[List[str]] = SetOpt) -> None:
-    """Print a dataset's resolved recipe."""
+def settings(dataset: str = DatasetOpt,
+             teacher_set: Optional[List[str]] = typer.Option(None, "--teacher", help="a teacher setting key=value"),
+             cache_set: Optional[List[str]] = typer.Option(None, "--cache", help="a cache setting key=value"),
+             student_set: Optional[List[str]] = typer.Option(None, "--student", help="a student setting key=value"),
+             runs: Path = RunsOpt) -> None:
+    """Print each stage's resolved settings, what differs from the defaults, its run folder and its state."""
+    from stages.paths import folders, show
+
     try:
-        for key, value in recipe_for(dataset, overrides or []).to_dict().items():
-            typer.echo(f"{key:>14} = {value}")
+        typer.echo(show(folders(runs, dataset, teacher_set or [], cache_set or [], student_set or [])))
     except ConfigError as error:
         _fail(error)
+
+
+@app.command()
+def recipe(dataset: str = DatasetOpt) -> None:
+    """Print a dataset's default settings, stage by stage."""
+    from pipeline.settings import defaults_for
+
+    try:
+        defaults = defaults_for(dataset)
+    except ConfigError as error:
+        _fail(error)
+    for stage in ("teacher", "cache", "student"):
+        typer.echo(f"[{stage}]")
+        values = defaults.of(stage)
+        for key, value in values.to_dict().items():
+            typer.echo(f"{key:>16} = {value}" + ("   (runtime)" if key in values.runtime_keys else ""))
 
 
 def main() -> None:  # pragma: no cover - console entry

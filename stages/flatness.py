@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.flatness import Schedule, run_point, virtual_ratio
-from pipeline.sources.fmnist import CLASSES, load_full
+from pipeline.analysis.flatness import Schedule, run_point, virtual_ratio
+from pipeline.data.sources.fmnist import CLASSES, load_full
 from store.manifest import ArtifactError, write_json_atomic
 
 SIZES = ((5000, 500), (5000, 50), (500, 50))

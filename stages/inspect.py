@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.virtual import flatness, smallest_tau, virtual_counts
+from pipeline.analysis.virtual import flatness, smallest_tau, virtual_counts
 from store.manifest import write_json_atomic
 from store.reader import LogitStore
 
-from .cache import STORE
+from .artifacts import STORE
 
 
 def progress_bar(done: int, total: int) -> None:

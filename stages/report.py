@@ -1,95 +1,113 @@
 """The report stage: one Markdown table (like the paper's Table 1) over every complete run of a dataset:
-method, settings, top-1, Many, Medium, Few, with mean and std over seeds."""
+method, settings, top-1, Many, Medium, Few, with mean and std over seeds.
+
+Runs are keyed by their full resolved settings (and, for a student, its cache), so two runs that differ in any
+setting get rows of their own; only seeds of otherwise identical runs share a row. No run is left out.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.sources.base import GROUPS
+from pipeline.data.sources.base import GROUPS
+
+from .artifacts import RunRecord, collect_runs
 
 COLUMNS = ("top1", *GROUPS)
-# The settings that name a row; a row's seeds are averaged. Everything else is the recipe's default.
-TEACHER_KEYS = ("model", "epochs", "experts")
-STUDENT_KEYS = ("model", "epochs", "tau", "power", "alpha", "mode", "experts")
+ORDER = {"CE": 0, "BSCE (teacher)": 1, "DiVE": 2, "RIDE, BSCE (teacher)": 3}
 
 
-def collect(runs: Path) -> list[dict]:
-    """Every complete teacher and student under ``runs`` (manifests only; incomplete runs are skipped)."""
-    rows = []
-    for manifest in sorted(runs.rglob("manifest.json")):
-        data = json.loads(manifest.read_text())
-        if data.get("stage") not in ("teacher", "student") or "metrics" not in data:
-            continue
-        config = data["config"]
-        ride = config["model"].startswith("ride_")
-        if data["stage"] == "teacher":
-            method = {"bsce": "BSCE (teacher)", "ce": "CE"}.get(config["loss"], config["loss"])
-            if ride:
-                method = f"RIDE, {method}"
-            settings = {k: config.get(k, 0) for k in TEACHER_KEYS}
-        else:
-            method = "RIDE-DiVE" if ride else "DiVE"
-            settings = {k: config.get(k, 0) for k in STUDENT_KEYS}
-            settings["teacher"] = Path(config["cache"]).name.removeprefix("cache-")
-        metrics = data["metrics"]
-        base = {"settings": settings, "seed": config["seed"], "path": str(manifest.parent)}
-        rows.append({"method": method, **base, **{k: metrics[k] for k in COLUMNS},
-                     "experts": metrics.get("experts", 1), "gflops": metrics.get("gflops", float("nan"))})
-        if "router" in metrics:  # a routed RIDE student: a row of its own
-            routed = metrics["router"]
-            rows.append({"method": f"{method} + router", **base, **{k: routed[k] for k in COLUMNS},
-                         "experts": routed["experts"], "gflops": routed["gflops"]})
+def rows_of(record: RunRecord) -> list[dict]:
+    """A run's table rows: one, plus a routed row for a RIDE student with a router."""
+    m = record.metrics
+    base = {"method": record.method, "record": record, "key": record.group_key()}
+    rows = [{**base, **{k: m[k] for k in COLUMNS}, "experts": m.get("experts", 1),
+             "gflops": m.get("gflops", float("nan"))}]
+    if "router" in m:
+        routed = m["router"]
+        rows.append({**base, "method": f"{record.method} + router", "key": base["key"] + "+router",
+                     **{k: routed[k] for k in COLUMNS}, "experts": routed["experts"], "gflops": routed["gflops"]})
     return rows
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Group runs that differ only in seed; mean and sample std (ddof 1) of each column."""
-    groups: dict[str, list[dict]] = {}
+def group(rows: list[dict]) -> list[list[dict]]:
+    """Rows of one key are one group, one row per seed; a second run of a seed already in its group (the same
+    settings in another folder) opens a group of its own rather than being dropped or averaged in."""
+    groups: dict[str, list[list[dict]]] = {}
     for row in rows:
-        members = groups.setdefault(row["method"] + json.dumps(row["settings"], sort_keys=True), [])
-        if all(m["seed"] != row["seed"] for m in members):  # one run per seed: a copied twin counts once
-            members.append(row)
+        bucket = groups.setdefault(row["key"], [[]])
+        target = next((g for g in bucket if all(r["record"].seed != row["record"].seed for r in g)), None)
+        if target is None:
+            target = []
+            bucket.append(target)
+        target.append(row)
+    return [g for bucket in groups.values() for g in bucket if g]
+
+
+def summarize(records: list[RunRecord]) -> list[dict]:
+    """One entry per group: mean and sample std (ddof 1) of each column over its seeds."""
     out = []
-    for members in groups.values():
-        entry = {"method": members[0]["method"], "settings": members[0]["settings"],
-                 "seeds": sorted(m["seed"] for m in members)}
+    for members in group([row for record in records for row in rows_of(record)]):
+        first = members[0]
+        entry = {"method": first["method"], "record": first["record"],
+                 "seeds": sorted(m["record"].seed for m in members),
+                 "paths": [str(m["record"].path) for m in members]}
         for col in (*COLUMNS, "experts", "gflops"):
             values = np.array([m[col] for m in members], dtype=float)
-            entry[col] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan"))
+            mean = float(values.mean()) if np.isfinite(values).any() else float("nan")
+            entry[col] = (mean, float(values.std(ddof=1)) if len(values) > 1 else float("nan"))
         out.append(entry)
-    order = {"CE": 0, "BSCE (teacher)": 1, "DiVE": 2, "RIDE, BSCE (teacher)": 3}
-    return sorted(out, key=lambda e: (order.get(e["method"], 4), -e["top1"][0]))
+    return sorted(out, key=lambda e: (ORDER.get(e["method"], 4), -np.nan_to_num(e["top1"][0], nan=-1.0),
+                                      e["paths"][0]))
 
 
 def _cell(mean: float, std: float) -> str:
+    if np.isnan(mean):
+        return "–"  # an empty group (no class of it in this split)
     return f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f}"
 
 
-def _settings(method: str, settings: dict) -> str:
-    model = settings["model"]
-    if settings.get("experts"):
-        model = f"{model} x{settings['experts']}"
-    if "DiVE" in method:
-        text = f"tau {settings['tau']:g}, p {settings['power']:g}, alpha {settings['alpha']:g}"
-        if settings.get("mode") == "online":
-            text += ", online"
-        return text + f"; {model}, {settings['epochs']} ep; from {settings['teacher']}"
-    return f"{model}, {settings['epochs']} ep"
+def _value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def describe(record: RunRecord) -> str:
+    """The settings a row shows: the method's key settings, then everything else that differs from the
+    dataset's defaults ("defaults" where nothing does)."""
+    s = record.settings
+    model = f"{s.model} x{s.experts}" if s.experts else s.model
+    shown = {"model", "experts", "epochs"}
+    core = f"{model}, {s.epochs} ep"
+    if record.stage == "student":
+        core = f"tau {s.tau:g}, p {s.power:g}, alpha {s.alpha:g}" + (", online" if s.mode == "online" else "") \
+            + f"; {core}"
+        shown |= {"tau", "power", "alpha"}
+    rest = {k: v for k, v in record.changed().items() if k not in shown}
+    return core + "; " + (", ".join(f"{k} {_value(v)}" for k, v in rest.items()) if rest else "defaults")
 
 
 def markdown(entries: list[dict], title: str) -> str:
     """The report as a Markdown table."""
-    lines = [f"# {title}", "", "| method | settings | seeds | top-1 | Many | Medium | Few | experts | GFLOPs |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# {title}", "",
+             "| method | settings | from | seeds | top-1 | Many | Medium | Few | experts | GFLOPs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         cells = " | ".join(_cell(*e[c]) for c in COLUMNS)
         seeds = ",".join(str(s) for s in e["seeds"])
         experts, gflops = e["experts"][0], e["gflops"][0]
         cost = f"{experts:.3g} | " + ("-" if np.isnan(gflops) else f"{gflops:.3f}")
-        lines.append(f"| {e['method']} | {_settings(e['method'], e['settings'])} | {seeds} | {cells} | {cost} |")
-    lines += ["", "Mean ± sample std over seeds (where there are several); accuracies in percent on the test split.",
+        record = e["record"]
+        origin = record.upstream or "-"
+        lines.append(f"| {e['method']} | {describe(record)} | {origin} | {seeds} | {cells} | {cost} |")
+    lines += ["", "Mean ± sample std over seeds (where there are several); accuracies in percent on the test split; "
+              "– for a group with no class.",
+              "settings: the method's key settings, then what differs from the dataset's defaults. from: a student's "
+              "cache folder (which names its teacher).",
               "experts: experts consulted per test image (1 for a single model); GFLOPs: per image, 2 x the "
               "multiply-accumulates of the convolutions and linear layers run (- where the run predates the count)."]
     return "\n".join(lines) + "\n"
@@ -97,12 +115,13 @@ def markdown(entries: list[dict], title: str) -> str:
 
 def run(runs: Path, out: Path | None = None, log=print) -> Path:
     """Write ``runs/report.md`` (or ``out``) and print it."""
-    entries = summarize(collect(runs))
-    if not entries:
+    records = collect_runs(runs)
+    if not records:
         raise FileNotFoundError(f"no complete teacher or student runs under {runs}; run `make teacher` first")
+    entries = summarize(records)
     out = out or runs / "report.md"
     text = markdown(entries, f"Results: {runs.name}")
     out.write_text(text)
     log(text)
-    log(f"report written to {out}")
+    log(f"report written to {out} ({len(records)} runs in {len(entries)} rows)")
     return out

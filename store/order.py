@@ -1,7 +1,14 @@
-"""Which view and which samples a student reads each epoch, and in what order: pure functions of their
-arguments, so every rank and every rerun agrees without communicating.
+"""Traversal orders: which samples each rank visits in an epoch, and in what order, for the teacher and for
+the students alike; and which recorded view a student reads each epoch. All are pure functions of their
+arguments, so every rank, every rerun and a loader working ahead agree without communicating.
 
-The order is chunk-aware and quasi-random, in the spirit of FFCV's quasi-random traversal: the chunks are
+Two orders, for two kinds of access:
+
+- ``random_order``: the teacher's epochs over a dataset it can read in any order (in memory, or image files):
+  a seeded permutation, dealt to the ranks in turn.
+- ``chunked_order``: a student's epochs over the logit store, which is read a chunk at a time.
+
+The chunked order is chunk-aware and quasi-random, in the spirit of FFCV's quasi-random traversal: the chunks are
 shuffled, consecutive groups of ``window`` shuffled chunks form a window, and the samples of a window are
 shuffled together. A reader then needs only the chunks of about one window at a time, and reads each chunk
 once per epoch, while batches still mix samples of ``window`` random chunks.
@@ -15,6 +22,7 @@ import numpy as np
 # Separate streams for the view schedule and the sample order, so changing one never moves the other.
 _VIEW_STREAM = 0x56494557
 _ORDER_STREAM = 0x4F524452
+_RANDOM_STREAM = 0x0DE5
 
 
 def view_for_epoch(epoch: int, v: int, seed: int) -> int:
@@ -33,7 +41,20 @@ def view_for_epoch(epoch: int, v: int, seed: int) -> int:
     return int(permutation[step])
 
 
-def epoch_order(epoch: int, n: int, chunk: int, seed: int, rank: int = 0, world: int = 1,
+def random_order(epoch: int, n: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """Sample indices (int64) that rank ``rank`` of ``world`` visits in ``epoch``: a seeded permutation of
+    range(n), wrapped to a multiple of ``world`` so that every rank gets ceil(n / world) samples, and dealt
+    to the ranks in turn (rank r takes positions r, r + world, ...)."""
+    _check_nonneg(epoch=epoch, seed=seed)
+    if n < 1 or not 0 <= rank < world:
+        raise ValueError(f"bad random_order arguments n={n} rank={rank} world={world}")
+    order = np.random.default_rng([seed, epoch, _RANDOM_STREAM]).permutation(n)
+    if world == 1:
+        return order
+    return np.resize(order, -(-n // world) * world)[rank::world]
+
+
+def chunked_order(epoch: int, n: int, chunk: int, seed: int, rank: int = 0, world: int = 1,
                 window: int = 4) -> np.ndarray:
     """Sample indices (int64) that rank ``rank`` of ``world`` visits in ``epoch``, in visiting order.
 
@@ -44,7 +65,7 @@ def epoch_order(epoch: int, n: int, chunk: int, seed: int, rank: int = 0, world:
     """
     _check_nonneg(epoch=epoch, seed=seed)
     if n < 1 or chunk < 1 or window < 1 or not 0 <= rank < world:
-        raise ValueError(f"bad epoch_order arguments n={n} chunk={chunk} window={window} "
+        raise ValueError(f"bad chunked_order arguments n={n} chunk={chunk} window={window} "
                          f"rank={rank} world={world}")
     rng = np.random.default_rng([seed, epoch, _ORDER_STREAM])
     n_chunks = -(-n // chunk)

@@ -21,7 +21,7 @@ import zarr
 
 from store import codecs
 from store.manifest import ArtifactError, check_fingerprint
-from store.order import chunk_plan, epoch_order, view_for_epoch
+from store.order import chunk_plan, chunked_order, view_for_epoch
 from store.schema import Layout, check_format, data_arrays, is_complete, open_attrs
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -91,13 +91,13 @@ class LogitStore:
                prefetch: int = 2, window: int = 4, workers: int = 4) -> Iterator[Batch]:
         """Batches (index int64 [B], views int64 [B], logits float32 [B, C], params float32 [B, P]) of one
         epoch for rank ``rank`` of ``world``: view ``view_for_epoch(epoch)`` of each sample of
-        ``epoch_order(...)``. Whole chunks are read by ``workers`` threads (zarr reads are latency-bound,
+        ``chunked_order(...)``. Whole chunks are read by ``workers`` threads (zarr reads are latency-bound,
         so more than the cores helps) about one window ahead, and a background thread keeps ``prefetch``
         batches ready. Memory: about three windows of stored chunks (3 x 4 x 4 MiB at iNaturalist) plus
         the prefetched batches. The last batch may be short.
         """
         view = view_for_epoch(epoch, self.v, seed)
-        order = epoch_order(epoch, self.n, self.chunk, seed, rank, world, window)
+        order = chunked_order(epoch, self.n, self.chunk, seed, rank, world, window)
         plan = chunk_plan(order, self.chunk, batch_size, horizon=window * self.chunk)
         # Read ahead by about one window of batches, so that the next window's chunks are read while
         # this one is served, instead of in a burst that stalls the consumer.

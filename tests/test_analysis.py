@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.sources.base import longtail_counts
+from pipeline.data.sources.base import longtail_counts
+from pipeline.settings import student_settings, teacher_settings
 from stages.analysis import default_classes, pick_models, pick_samples
 from store.manifest import ArtifactError
 
@@ -17,12 +18,14 @@ COUNTS = longtail_counts(10, 500, 100)  # fmnist-lt: 500 299 179 107 | 64 38 23 
 
 
 def fake_run(folder, stage, config, labels, logits, features=None):
-    """A complete run folder as the teacher / student stages leave it."""
+    """A complete run folder as the teacher / student stages leave it; ``config`` holds the teacher's
+    overrides under "teacher" and the student's under "student"."""
     folder.mkdir(parents=True)
-    base = {"dataset": "fmnist-lt", "model": "resnet32", "epochs": 200}
+    saved = {"stage": stage, "teacher": teacher_settings("fmnist-lt", config["teacher"]).identity()}
+    if stage == "student":
+        saved["student"] = student_settings("fmnist-lt", config["student"]).identity()
     metrics = {"top1": 50.0, "many": 50.0, "medium": 50.0, "few": 50.0}
-    (folder / "manifest.json").write_text(json.dumps({"stage": stage, "config": {**base, **config},
-                                                      "metrics": metrics}))
+    (folder / "manifest.json").write_text(json.dumps({"stage": stage, "config": saved, "metrics": metrics}))
     (folder / "metrics.json").write_text(json.dumps({**metrics, "class_counts": COUNTS.tolist()}))
     arrays = {"logits": logits.astype(np.float32), "labels": labels, "index": np.arange(len(labels))[::-1].copy()}
     arrays = {k: v[::-1].copy() if k != "index" else v for k, v in arrays.items()}  # saved out of order
@@ -39,15 +42,14 @@ def one_hot_logits(pred, classes=10):
 
 def make_runs(root, labels, preds, features=None):
     cache = root / "cache-teacher-bsce-seed0"
-    fake_run(root / "teacher-ce-seed0", "teacher", {"loss": "ce", "seed": 0}, labels, one_hot_logits(preds["CE"]),
+    fake_run(root / "teacher-ce-seed0", "teacher", {"teacher": {"loss": "ce"}}, labels, one_hot_logits(preds["CE"]),
              features)
-    fake_run(root / "teacher-ce-seed1", "teacher", {"loss": "ce", "seed": 1}, labels, one_hot_logits(labels))
-    fake_run(root / "teacher-bsce-seed0", "teacher", {"loss": "bsce", "seed": 0}, labels,
-             one_hot_logits(preds["BSCE"]), features)
-    student = {"loss": "bsce", "seed": 0, "alpha": 0.5, "mode": "cached", "cache": str(cache)}
-    fake_run(cache / "students" / "dive-tau9-p1-seed0", "student", {**student, "tau": 9.0, "power": 1.0}, labels,
+    fake_run(root / "teacher-ce-seed1", "teacher", {"teacher": {"loss": "ce", "seed": 1}}, labels,
              one_hot_logits(labels))
-    fake_run(cache / "students" / "dive-seed0", "student", {**student, "tau": 3.0, "power": 0.5}, labels,
+    fake_run(root / "teacher-bsce-seed0", "teacher", {"teacher": {}}, labels, one_hot_logits(preds["BSCE"]), features)
+    fake_run(cache / "students" / "dive-seed0-tau9-p1-0a1b2c", "student",
+             {"teacher": {}, "student": {"tau": 9.0, "power": 1.0}}, labels, one_hot_logits(labels))
+    fake_run(cache / "students" / "dive-seed0", "student", {"teacher": {}, "student": {}}, labels,
              one_hot_logits(preds["DiVE"]), features)
 
 
@@ -58,13 +60,13 @@ def test_pick_models_takes_lowest_seed_and_the_recipe_student(tmp_path):
     assert picked["CE"].name == "teacher-ce-seed0"
     assert picked["BSCE"].name == "teacher-bsce-seed0"
     assert picked["DiVE"].name == "dive-seed0"  # tau 3, p 0.5, alpha 0.5: the fmnist-lt recipe's settings
-    other = tmp_path / "cache-teacher-bsce-seed0" / "students" / "dive-tau9-p1-seed0"
+    other = tmp_path / "cache-teacher-bsce-seed0" / "students" / "dive-seed0-tau9-p1-0a1b2c"
     assert pick_models(tmp_path, {"DiVE": other})["DiVE"] == other
 
 
 def test_pick_models_names_what_is_missing(tmp_path):
     labels = np.arange(20) % 10
-    fake_run(tmp_path / "teacher-bsce-seed0", "teacher", {"loss": "bsce", "seed": 0}, labels, one_hot_logits(labels))
+    fake_run(tmp_path / "teacher-bsce-seed0", "teacher", {"teacher": {}}, labels, one_hot_logits(labels))
     with pytest.raises(ArtifactError, match="no complete CE, DiVE run.*make teacher LOSS=ce"):
         pick_models(tmp_path)
 
@@ -91,7 +93,7 @@ def test_pick_samples_by_hand():
 
 @needs_fmnist
 def test_samples_target_end_to_end(tmp_path):
-    from pipeline.sources.fmnist import load_full
+    from pipeline.data.sources.fmnist import load_full
 
     labels = load_full()[1].labels
     rng = np.random.default_rng(0)

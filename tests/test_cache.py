@@ -9,11 +9,11 @@ import pytest
 import torch
 import zarr
 
-from pipeline.data import TorchExecutor
-from pipeline.distill import positions_of, row_order
-from pipeline.sources import load_source
-from pipeline.train import autocast
-from stages.cache import load_teacher
+from pipeline.data.loaders import TorchExecutor
+from pipeline.data.targets import positions_of, row_order
+from pipeline.data.sources import load_source
+from pipeline.device import autocast
+from stages.artifacts import load_teacher
 from store.manifest import ArtifactError
 from store.reader import LogitStore
 
@@ -42,7 +42,11 @@ def test_store_holds_what_the_stage_promises(small_cache):
     assert store.fingerprints["samples"] == source.fingerprint()
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["stage"] == "cache" and manifest["inputs"]["teacher"] == store.fingerprints["teacher"]
-    assert store.attrs["view_spec"]["kind"] == "pad_crop" and store.attrs["recipe"]["views"] == 3
+    assert store.attrs["view_spec"]["kind"] == "pad_crop" and store.attrs["recipe"]["cache"]["views"] == 3
+    # the cache's folder config is its identity: teacher and cache settings, no runtime keys
+    config = json.loads((cache / "config.json").read_text())
+    assert config["cache"]["views"] == 3 and "batch_size" not in config["cache"] and "runtime" not in config
+    assert manifest["config"]["runtime"]["batch_size"] == 128 and manifest["config"]["runtime"]["world"] == 1
 
 
 def test_fidelity_replayed_views_give_the_stored_logits(small_cache):
@@ -54,7 +58,7 @@ def test_fidelity_replayed_views_give_the_stored_logits(small_cache):
     rows, views = rng.choice(store.n, 64, replace=False), rng.integers(0, store.v, 64)
     logits, params = store.read(rows, views)
     index = positions_of(store.ids[rows], source.train.ids)
-    config = store.attrs["recipe"]
+    config = {**store.attrs["recipe"]["teacher"], **store.attrs["recipe"]["cache"]}
     executor = TorchExecutor(source.train.images, config["crop_size"], source.mean, source.std)
     model = load_teacher(teacher_dir, torch.device("cpu"), config["channels_last"])
     images = executor.run(index, params)

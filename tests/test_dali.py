@@ -8,7 +8,7 @@ Measured on the CPU build (DALI 2.4.0, Pillow's libjpeg-turbo), which the tolera
   units, i.e. float rounding in the normalization.
 - Resize (antialiased bilinear, down and up): max 4e-4 in [0, 255] units for 64 x 64 outputs, 5e-3 for
   224 x 224 ones cut from 3.4-megapixel images (float accumulation order over wide filters); colour
-  jitter 0.4 on top: max 3e-4 at 64. Without the zero-margin reweighting in pipeline.dali, DALI's
+  jitter 0.4 on top: max 3e-4 at 64. Without the zero-margin reweighting in pipeline.data.dali, DALI's
   edge-clamping filter made the outer ring of output pixels differ by up to 9.
 The replay tests feed the reference the executor's own decoded pixels, so they test the executor and not
 the decoders; the decoders are compared on their own.
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from pipeline import views
-from pipeline.dali import (DaliExecutor, ImageError, _view_pipeline, check_image, colour_maps, image_size,
+from pipeline.data.dali import (DaliExecutor, ImageError, _view_pipeline, check_image, colour_maps, image_size,
                            image_sizes, resolve_device)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 from PIL import Image
 
-from pipeline.distill import row_order
+from pipeline.data.targets import row_order
 
 from .conftest import run_cli
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.flatness import smoothed_targets, virtual_ratio
+from pipeline.analysis.flatness import smoothed_targets, virtual_ratio
 
 from .conftest import needs_fmnist, run_cli
 

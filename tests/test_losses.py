@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import BalancedSoftmax, balanced_softmax_ce, build_loss, cross_entropy
+from pipeline.train.losses import BalancedSoftmax, balanced_softmax_ce, build_loss, cross_entropy
 
 
 def test_bsce_matches_hand_worked_value():
@@ -43,7 +43,7 @@ def test_bsce_refuses_empty_classes_and_unknown_loss():
 
 
 # --- DiVE ---------------------------------------------------------------------------------------------------
-from pipeline.losses import DiVELoss, soft_targets  # noqa: E402
+from pipeline.train.losses import DiVELoss, soft_targets  # noqa: E402
 
 
 def _kl(t, p):

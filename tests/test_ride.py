@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import recipe_for
-from pipeline.losses import DiVELoss, RIDELoss, diversity_temperatures, diversity_term
-from pipeline.models import ResNet32
-from pipeline.ride import (Router, build_ride, gflops_per_image, ride_resnet32, route, router_targets,
-                           routing_loss)
+from pipeline.settings import student_settings, teacher_settings
+from pipeline.train.losses import DiVELoss, RIDELoss, diversity_temperatures, diversity_term
+from pipeline.models.resnet import ResNet32
+from pipeline.models.flops import gflops_per_image
+from pipeline.models.ride import build_ride, ride_resnet32
+from pipeline.models.router import Router, route, router_targets
+from pipeline.train.router import routing_loss
 
 from store.reader import LogitStore
 
@@ -21,9 +23,13 @@ from .conftest import needs_fmnist, run_cli
 
 
 def test_model_ride_is_the_datasets_backbone_as_experts():
-    assert recipe_for("fmnist-lt", ["model=ride"]).model == "ride_resnet32"
-    assert recipe_for("imagenet-lt", ["model=ride"]).model == "ride_resnext50_32x4d"
-    assert recipe_for("inat2018", ["model=ride"]).model == "ride_resnet50"
+    assert teacher_settings("fmnist-lt", ["model=ride"]).model == "ride_resnet32"
+    assert teacher_settings("imagenet-lt", ["model=ride"]).model == "ride_resnext50_32x4d"
+    assert teacher_settings("inat2018", ["model=ride"]).model == "ride_resnet50"
+    assert teacher_settings("fmnist-lt", ["model=ride"]).experts == 6
+    s = student_settings("imagenet-lt", ["model=ride"])  # RIDE-DiVE: 4 experts, alpha 0.75, tau 3
+    assert (s.model, s.experts, s.alpha, s.tau) == ("ride_resnext50_32x4d", 4, 0.75, 3.0)
+    assert student_settings("imagenet-lt", ["model=ride", "alpha=0.5"]).alpha == 0.5
     with pytest.raises(ValueError, match="no RIDE version"):
         build_ride("vgg16", 10, 3, 2)
 
@@ -46,15 +52,28 @@ def test_a_gradient_through_one_expert_touches_only_that_expert_and_the_trunk():
 
 def test_flops_one_full_width_expert_is_the_plain_resnet32():
     plain = gflops_per_image(ResNet32(10, 3), (3, 32, 32))["total"]
-    one = gflops_per_image(ride_resnet32(10, 3, experts=1, width=64), (3, 32, 32))
+    one = gflops_per_image(ride_resnet32(10, 3, experts=1, widths=(32, 64)), (3, 32, 32))
     assert one["total"] == pytest.approx(plain, rel=1e-9)
     # by hand: 2 x MACs of the stem, three stages of ten 3x3 convs (each stage's first conv reads the previous
     # width), and the classifier
     macs = (32 * 32 * 16 * 3 * 9 + 10 * 32 * 32 * 16 * 16 * 9 + 16 * 16 * 32 * 9 * (16 + 9 * 32)
             + 8 * 8 * 64 * 9 * (32 + 9 * 64) + 64 * 10)
     assert plain == pytest.approx(2 * macs / 1e9, rel=1e-12)
+
+
+def test_ride_resnet32_flops_by_hand():
+    """RIDE's CIFAR ResNet-32: the stem and layer1 shared; each expert owns layer2 at 24 and layer3 at 48
+    channels and a cosine classifier. Every figure is worked out by hand, none from another count."""
+    shared = 32 * 32 * 16 * 3 * 9 + 10 * 32 * 32 * 16 * 16 * 9  # stem, then layer1's ten 16 -> 16 convs
+    layer2 = 16 * 16 * 24 * 9 * (16 + 9 * 24)  # at 16x16: the first conv reads 16 channels, nine more read 24
+    layer3 = 8 * 8 * 48 * 9 * (24 + 9 * 48)  # at 8x8: the first conv reads 24 channels, nine more read 48
+    expert = layer2 + layer3 + 48 * 10
     six = gflops_per_image(build_ride("resnet32", 10, 3, 6), (3, 32, 32))
-    assert six["total"] == pytest.approx(six["shared"] + 6 * six["per_expert"], rel=1e-9)
+    assert six["shared"] == pytest.approx(2 * shared / 1e9, rel=1e-12)
+    assert six["per_expert"] == pytest.approx(2 * expert / 1e9, rel=1e-12)
+    assert six["total"] == pytest.approx(2 * (shared + 6 * expert) / 1e9, rel=1e-12)
+    model = build_ride("resnet32", 10, 3, 2)
+    assert [m.out_channels for m in model.experts[0].modules() if isinstance(m, torch.nn.Conv2d)] == [24] * 10 + [48] * 10
 
 
 def test_diversity_temperatures_by_hand():
@@ -142,7 +161,7 @@ def test_ride_teacher_cache_and_routed_student_under_torchrun(tmp_path):
     teacher, cache, student = tmp_path / "teacher", tmp_path / "cache", tmp_path / "students" / "ride"
     run_cli("teacher", "--set", "model=ride", "--set", "experts=3", "--set", "epochs=1", "--out", str(teacher))
     t = json.loads((teacher / "manifest.json").read_text())
-    assert t["config"]["model"] == "ride_resnet32" and t["config"]["experts"] == 3
+    assert t["config"]["teacher"]["model"] == "ride_resnet32" and t["config"]["teacher"]["experts"] == 3
     proc = run_cli("cache", "--teacher", str(teacher), "--set", "views=2", "--set", "expert_logits=true",
                    "--out", str(cache))
     assert "per-expert logits of the 3 experts add" in proc.stdout  # the size is printed before the dump
@@ -154,15 +173,16 @@ def test_ride_teacher_cache_and_routed_student_under_torchrun(tmp_path):
         ze, params_e = per_expert.read_rows(0, main.n, view)
         np.testing.assert_array_equal(params, params_e)
         np.testing.assert_allclose(ze.reshape(main.n, 3, main.c).mean(1), z, atol=0.05)
-    run_cli("student", "--cache", str(cache), "--set", "epochs=1", "--set", "router_epochs=1", "--out", str(student),
-            nproc=2, env={"OMP_NUM_THREADS": "1"})
+    run_cli("student", "--cache", str(cache), "--set", "model=ride", "--set", "epochs=1", "--set", "router_epochs=1",
+            "--out", str(student), nproc=2, env={"OMP_NUM_THREADS": "1"})
     s = json.loads((student / "manifest.json").read_text())
-    assert s["config"]["experts"] == 4 and s["config"]["alpha"] == 0.75 and s["config"]["world"] == 2
+    settings = s["config"]["student"]
+    assert settings["experts"] == 4 and settings["alpha"] == 0.75 and s["config"]["runtime"]["world"] == 2
     router = s["metrics"]["router"]
     assert 1 <= router["experts"] <= 4 and router["gflops"] <= s["metrics"]["gflops"] + 1e-6
     assert (student / "router.pt").is_file() and (student / "eval_routed.npz").is_file()
     report = run_cli("report", "--runs", str(tmp_path)).stdout
-    for row in ("| RIDE, BSCE (teacher) | ride_resnet32 x3", "| RIDE-DiVE | tau 3, p 0.5, alpha 0.75; ride_resnet32 x4",
+    for row in ("| RIDE, BSCE (teacher) | ride_resnet32 x3", "| RIDE-DiVE | tau 3, p 0.5, alpha 0.75; ride_resnet32 x4, 1 ep",
                 "| RIDE-DiVE + router |"):
         assert row in report
 

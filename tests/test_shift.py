@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.shift import post_compensate, shift_accuracies, shifted_counts, subset_indices
+from pipeline.analysis.shift import post_compensate, shift_accuracies, shifted_counts, subset_indices
 
 
 def test_forward_and_backward_counts_by_hand():

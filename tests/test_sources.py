@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.sources import DataError, cifar, class_groups, load_source, longtail_counts
+from pipeline.data.sources import DataError, cifar, class_groups, load_source, longtail_counts
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -12,7 +12,7 @@ import zarr
 
 from store import codecs
 from store.manifest import ArtifactError
-from store.order import chunk_plan, epoch_order, view_for_epoch
+from store.order import chunk_plan, chunked_order, view_for_epoch
 from store.reader import LogitStore
 from store.schema import FORMAT_VERSION, done_path
 from store.writer import StoreWriter
@@ -203,18 +203,18 @@ def test_writer_thread_error_is_raised(tmp_path):
 
 @pytest.mark.parametrize("n,chunk,world", [(37, 4, 1), (37, 4, 3), (1000, 16, 4), (5, 8, 2)])
 def test_epoch_order_is_a_sharded_permutation(n, chunk, world):
-    shares = [epoch_order(3, n, chunk, 11, r, world, window=2) for r in range(world)]
+    shares = [chunked_order(3, n, chunk, 11, r, world, window=2) for r in range(world)]
     assert len({len(s) for s in shares}) == 1 and len(shares[0]) == -(-n // world)
     np.testing.assert_array_equal(np.unique(np.concatenate(shares)), np.arange(n))
-    full = epoch_order(3, n, chunk, 11, window=2)
+    full = chunked_order(3, n, chunk, 11, window=2)
     np.testing.assert_array_equal(np.sort(full), np.arange(n))
     np.testing.assert_array_equal(np.concatenate(shares)[:n], full)  # disjoint: rank shares split it
-    np.testing.assert_array_equal(full, epoch_order(3, n, chunk, 11, window=2))  # a pure function
-    assert n < 40 or not np.array_equal(full, epoch_order(4, n, chunk, 11, window=2))
+    np.testing.assert_array_equal(full, chunked_order(3, n, chunk, 11, window=2))  # a pure function
+    assert n < 40 or not np.array_equal(full, chunked_order(4, n, chunk, 11, window=2))
 
 
 def test_epoch_order_is_chunk_local():
-    order = epoch_order(0, 1000, 10, 5, window=4)
+    order = chunked_order(0, 1000, 10, 5, window=4)
     windows = (order // 10).reshape(-1, 40)  # each window of 40 positions covers exactly 4 chunks
     assert all(len(np.unique(w)) == 4 for w in windows)
     plan = chunk_plan(order, 10, 32, horizon=40)
@@ -236,7 +236,7 @@ def test_stream_yields_each_sample_once_with_its_data(reference, batch_size):
     for epoch in range(V):
         batches = list(store.stream(epoch, seed=3, batch_size=batch_size))
         index = np.concatenate([b[0] for b in batches])
-        np.testing.assert_array_equal(index, epoch_order(epoch, N, store.chunk, 3))
+        np.testing.assert_array_equal(index, chunked_order(epoch, N, store.chunk, 3))
         views = np.concatenate([b[1] for b in batches])
         assert (views == view_for_epoch(epoch, V, 3)).all()
         logits = np.concatenate([b[2] for b in batches])

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.data import epoch_order, shard
-from pipeline.train import load_checkpoint
+from store.order import random_order
+from pipeline.train.loop import load_checkpoint
 
 from .conftest import ALLOC_ENV, REPO, needs_fmnist, run_cli
 
@@ -20,10 +20,12 @@ SHORT = ["--set", "epochs=3", "--set", "warmup_epochs=1", "--set", "milestones=2
 
 
 def test_shards_are_disjoint_equal_and_cover_the_epoch():
-    order = epoch_order(3, 5, 1001)
-    assert np.array_equal(order, epoch_order(3, 5, 1001))
+    order = random_order(5, 1001, 3)
+    assert np.array_equal(order, random_order(5, 1001, 3))
+    assert not np.array_equal(order, random_order(6, 1001, 3))  # another epoch, another order
     assert sorted(order) == list(range(1001))
-    parts = [shard(order, r, 2) for r in range(2)]
+    parts = [random_order(5, 1001, 3, r, 2) for r in range(2)]
+    assert np.array_equal(parts[0], order[0::2]) and np.array_equal(parts[1][:500], order[1::2])
     assert len(parts[0]) == len(parts[1]) == 501
     assert set(parts[0]) | set(parts[1]) == set(range(1001))
     assert len(set(parts[0]) & set(parts[1])) == 1  # the one sample wrapped to even the shards
@@ -60,7 +62,10 @@ def test_killed_teacher_resumes_to_the_same_weights(tmp_path):
     again = run_cli("teacher", *SHORT, "--out", str(full))
     assert "complete" in again.stdout
     other = run_cli("teacher", *SHORT, "--set", "lr=0.05", "--out", str(full), check=False)
-    assert other.returncode == 2 and "another config" in other.stderr and "lr" in other.stderr
+    assert other.returncode == 2 and "other settings" in other.stderr and "lr" in other.stderr
+    # runtime settings are not identity: another decode-thread count or bf16 finds the same run complete
+    same = run_cli("teacher", *SHORT, "--set", "workers=1", "--set", "bf16=false", "--out", str(full))
+    assert "complete" in same.stdout
 
 
 @needs_fmnist
@@ -71,7 +76,7 @@ def test_teacher_outputs_metrics_manifest_and_safe_checkpoints(tmp_path):
         assert line in proc.stdout
     assert "img/s" in proc.stdout and "ETA" in proc.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["stage"] == "teacher" and manifest["config"]["epochs"] == 1
+    assert manifest["stage"] == "teacher" and manifest["config"]["teacher"]["epochs"] == 1
     assert set(manifest["inputs"]) == {"train_samples", "test_samples"}
     assert "torch" in manifest["versions"]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -89,7 +94,7 @@ def test_teacher_trains_under_torchrun_with_two_gloo_processes(tmp_path):
     run_cli("teacher", "--set", "epochs=2", "--set", "warmup_epochs=1", "--out", str(out), nproc=2,
             env={"OMP_NUM_THREADS": "1"})
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["world"] == 2
+    assert manifest["config"]["runtime"]["world"] == 2
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
     assert history[1]["loss"] < history[0]["loss"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.views import (P, ViewSpec, apply_view, colour, crop_zero_fill, eval_params, uniforms,
+from pipeline.data.views import (P, ViewSpec, apply_view, colour, crop_zero_fill, eval_params, uniforms,
                             view_params)
 
 

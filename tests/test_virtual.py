@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.virtual import flatness, smallest_tau, virtual_counts
+from pipeline.analysis.virtual import flatness, smallest_tau, virtual_counts
 from store.reader import LogitStore
 from store.writer import StoreWriter
 

@@ -9,10 +9,10 @@ from .base import GROUPS, DataError, Source, Split, class_groups, longtail_count
 # name -> module with a ``load(root, imbalance) -> Source`` function. Modules are imported on use so a
 # missing optional reader never breaks the others.
 SOURCES = {
-    "fmnist-lt": "pipeline.sources.fmnist",
-    "cifar100-lt": "pipeline.sources.cifar",
-    "imagenet-lt": "pipeline.sources.imagenet_lt",
-    "inat2018": "pipeline.sources.inat",
+    "fmnist-lt": "pipeline.data.sources.fmnist",
+    "cifar100-lt": "pipeline.data.sources.cifar",
+    "imagenet-lt": "pipeline.data.sources.imagenet_lt",
+    "inat2018": "pipeline.data.sources.inat",
 }
 IMBALANCE_FACTORS = (10, 50, 100)
 

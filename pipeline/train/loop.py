@@ -9,41 +9,32 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .config import Recipe
+from pipeline.settings import Training
+from pipeline.device import autocast, to_device
+
 from .distributed import Dist, all_reduce_mean
 
 
-def lr_at(recipe: Recipe, epoch: int) -> float:
+def lr_at(train: Training, epoch: int) -> float:
     """Learning rate of an epoch: linear warm-up, then step decay (x gamma per milestone passed) or cosine."""
-    if epoch < recipe.warmup_epochs:
-        return recipe.lr * (epoch + 1) / recipe.warmup_epochs
-    if recipe.schedule == "cosine":
-        return 0.5 * recipe.lr * (1.0 + math.cos(math.pi * epoch / recipe.epochs))
-    passed = sum(epoch >= m for m in recipe.milestones)
-    return recipe.lr * recipe.gamma ** passed
+    if epoch < train.warmup_epochs:
+        return train.lr * (epoch + 1) / train.warmup_epochs
+    if train.schedule == "cosine":
+        return 0.5 * train.lr * (1.0 + math.cos(math.pi * epoch / train.epochs))
+    passed = sum(epoch >= m for m in train.milestones)
+    return train.lr * train.gamma ** passed
 
 
-def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, train: Training) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay, as every recipe in the paper."""
-    return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                           weight_decay=recipe.weight_decay)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast on CPU or GPU when enabled."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
-
-
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                           weight_decay=train.weight_decay)
 
 
 def train_one_epoch(model, loss_fn: Callable, batches, optimizer, lr: float, device: torch.device,
@@ -129,7 +120,7 @@ def _hms(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def fit(model, loss_fn: Callable, loader, recipe: Recipe, optimizer, dist: Dist, checkpoint: Path,
+def fit(model, loss_fn: Callable, loader, train: Training, optimizer, dist: Dist, checkpoint: Path,
         evaluate_fn: Callable[[int], dict] | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Run the epochs that remain, saving a checkpoint after each; resume from ``checkpoint`` if present.
 
@@ -144,26 +135,26 @@ def fit(model, loss_fn: Callable, loader, recipe: Recipe, optimizer, dist: Dist,
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         history, first = list(state["history"]), int(state["epoch"])
-        if first < recipe.epochs:
+        if first < train.epochs:
             log(f"resuming from {checkpoint} after epoch {first}")
     run_start = time.perf_counter()
-    for epoch in range(first, recipe.epochs):
-        lr = lr_at(recipe, epoch)
+    for epoch in range(first, train.epochs):
+        lr = lr_at(train, epoch)
         stats = train_one_epoch(model, loss_fn, loader.batches(epoch), optimizer, lr, dist.device,
-                                recipe.bf16, recipe.channels_last, dist, log if dist.main else None, len(loader))
+                                train.bf16, train.channels_last, dist, log if dist.main else None, len(loader))
         stats.update(epoch=epoch + 1, lr=lr)
-        if evaluate_fn and recipe.eval_every and (epoch + 1) % recipe.eval_every == 0 and epoch + 1 < recipe.epochs:
+        if evaluate_fn and train.eval_every and (epoch + 1) % train.eval_every == 0 and epoch + 1 < train.epochs:
             stats.update(evaluate_fn(epoch + 1))
         history.append(stats)
         if dist.main:
             save_checkpoint(checkpoint, {"epoch": epoch + 1, "model": unwrap(model).state_dict(),
                                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                                         "history": history, "config": recipe.to_dict()})
+                                         "history": history, "config": train.to_dict()})
             done = epoch + 1 - first
-            eta = (time.perf_counter() - run_start) / done * (recipe.epochs - epoch - 1)
+            eta = (time.perf_counter() - run_start) / done * (train.epochs - epoch - 1)
             parts = "  ".join(f"{k} {stats[k]:.4f}" for k in sorted(stats) if k not in
                               ("epoch", "lr", "images_per_s", "seconds", "loss") and isinstance(stats[k], float))
-            log(f"epoch {epoch + 1}/{recipe.epochs}  loss {stats['loss']:.4f}  {parts}  lr {lr:.5f}  "
+            log(f"epoch {epoch + 1}/{train.epochs}  loss {stats['loss']:.4f}  {parts}  lr {lr:.5f}  "
                 f"{stats['images_per_s']:.0f} img/s  ETA {_hms(eta)}")
             sys.stdout.flush()
     return history

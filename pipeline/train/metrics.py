@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sources.base import GROUPS, class_groups
+from pipeline.data.sources.base import GROUPS, class_groups
 
 
 def accuracy_report(logits: np.ndarray, labels: np.ndarray, train_counts: np.ndarray) -> dict:

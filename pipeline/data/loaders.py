@@ -9,6 +9,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from store.order import random_order
+
 from .sources.base import Split
 from .views import ViewSpec, apply_views_batch, eval_params, normalize, view_params
 
@@ -20,20 +22,6 @@ class Batch:
     index: np.ndarray  # int64 [B], positions in the split
     params: np.ndarray  # float32 [B, P], the views applied
     teacher_logits: torch.Tensor | None = None  # float32 [B, C], raw, for distillation
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The shuffled sample order of one epoch, a pure function of (seed, epoch)."""
-    return np.random.default_rng([seed, epoch, 0x0DE5]).permutation(n)
-
-
-def shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This rank's share of an order: wrapped to a multiple of ``world`` so every rank gets as many samples."""
-    if world == 1:
-        return order
-    total = math.ceil(len(order) / world) * world
-    padded = np.concatenate([order, order[: total - len(order)]])
-    return padded[rank::world]
 
 
 class TorchExecutor:
@@ -89,7 +77,7 @@ def make_executor(split: Split, spec: ViewSpec, mean, std, batch_size: int, work
 class ViewLoader:
     """Yields batches of one epoch: shuffled, sharded by rank, each sample seen through a drawn view.
 
-    Training: order = epoch_order(seed, epoch); each sample's view parameters come from
+    Training: order = ``store.order.random_order``; each sample's view parameters come from
     ``view_params(spec, seed, index, view)``, where ``view`` is the epoch (teacher) or any per-sample view
     index the caller gives (student replaying cached views). Evaluation: file order, the evaluation view.
     """
@@ -106,7 +94,7 @@ class ViewLoader:
     def local_order(self, epoch: int) -> np.ndarray:
         if not self.train:
             return np.arange(len(self.split))
-        return shard(epoch_order(self.seed, epoch, len(self.split)), self.rank, self.world)
+        return random_order(epoch, len(self.split), self.seed, self.rank, self.world)
 
     def __len__(self) -> int:
         n = len(self.split) if not self.train else math.ceil(len(self.split) / self.world)
@@ -126,3 +114,9 @@ class ViewLoader:
             view = epoch if views is None else views[index]
             params = self.params(index, view)
             yield Batch(self.executor.run(index, params), self.labels[index], index, params)
+
+
+def test_loader(source, spec: ViewSpec, workers: int, device: torch.device, batch_size: int = 500) -> ViewLoader:
+    """The test split in file order, each image through the evaluation view."""
+    executor = make_executor(source.test, spec, source.mean, source.std, batch_size, workers, device)
+    return ViewLoader(source.test, spec, executor, batch_size, seed=0, train=False)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sources.base import Split
+from pipeline.data.sources.base import Split
 
 
 def virtual_ratio(n_head: int, n_tail: int, eps: float) -> float:

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .sources.base import class_groups
+from pipeline.data.sources.base import class_groups
 
 
 def soft_targets_np(z: np.ndarray, tau: float, power: float) -> np.ndarray:

@@ -17,11 +17,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from store.order import epoch_order, view_for_epoch
+from store.order import chunked_order, view_for_epoch
 from store.reader import LogitStore
 
-from .data import Batch
-from .train import autocast, to_device
+from .loaders import Batch
+from pipeline.device import autocast, to_device
 from .views import ViewSpec, view_params
 
 
@@ -103,7 +103,7 @@ class OnlineTargets:
 
     def batches(self, epoch: int) -> Iterator[Batch]:
         view = view_for_epoch(epoch, self.v, self.seed)
-        order = epoch_order(epoch, self.n, self.chunk, self.seed, self.rank, self.world)
+        order = chunked_order(epoch, self.n, self.chunk, self.seed, self.rank, self.world)
         for start in range(0, len(order), self.batch_size):
             index = self.positions[order[start:start + self.batch_size]]
             params = view_params(self.spec, self.view_seed, index, view, *self.executor.sizes(index))

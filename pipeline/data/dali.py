@@ -3,7 +3,7 @@
 One pipeline definition serves both devices; only the device strings differ (``mixed`` nvJPEG decoding
 and ``gpu`` operators with a GPU, ``cpu`` everywhere without one). The files and the view parameters are
 fed by the caller through ``fn.external_source``, never drawn by DALI, so a student replays exactly the
-views the teacher saw. The operators follow ``pipeline.views.apply_view`` step by step:
+views the teacher saw. The operators follow ``pipeline.data.views.apply_view`` step by step:
 
     decode RGB -> slice the box (zero fill outside) -> resize to size x size (bilinear, antialias, in
     float, with the reference's handling of the box's edges) -> colour as one affine map per pixel
@@ -27,10 +27,10 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from pipeline.sources.base import DataError
-from pipeline.views import P
+from pipeline.data.sources.base import DataError
+from pipeline.data.views import P
 
-_LUMA = np.array([0.299, 0.587, 0.114])  # as pipeline.views._LUMA
+_LUMA = np.array([0.299, 0.587, 0.114])  # as pipeline.data.views._LUMA
 _RESIZED = ("box", "rows", "cols")  # what is resized, each with its own region of interest
 _INPUTS = ("raw", "start", "shape", "margin_start", "margin_shape", "rows", "cols", "colour", "flip",
            *(f"{k}_roi_{end}" for k in _RESIZED for end in ("start", "end")))

@@ -13,7 +13,7 @@ Every view is described by the same ``P = 8`` numbers::
 and applied in one order: crop (zero fill) -> resize to ``size`` (only when the box is not already
 ``size`` x ``size``) -> flip -> brightness (x*b) -> contrast (128 + c*(x-128)) -> saturation (blend with
 the luma Y = 0.299R + 0.587G + 0.114B) -> clamp to [0, 255]. ``apply_view`` is the plain torch reference of
-that order; the DALI executor in ``pipeline.dali`` applies the same parameters.
+that order; the DALI executor in ``pipeline.data.dali`` applies the same parameters.
 """
 from __future__ import annotations
 

@@ -13,9 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-MODELS = ("resnet32", "resnet50", "resnext50_32x4d")
-
-
 def classify(fc: nn.Linear, feats: torch.Tensor) -> torch.Tensor:
     """The linear classifier in float32, outside any autocast region."""
     with torch.autocast(feats.device.type, enabled=False):
@@ -92,17 +89,3 @@ class TorchvisionNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.body(x)
         return {"logits": classify(self.fc, feats), "features": feats}
-
-
-def build_model(name: str, num_classes: int, in_channels: int = 3, experts: int = 0) -> nn.Module:
-    """Build backbone ``name`` for ``num_classes`` classes and ``in_channels`` input channels.
-    ``ride_<backbone>`` is that backbone as a RIDE model with ``experts`` experts (see ``pipeline.ride``)."""
-    if name.startswith("ride_"):
-        from .ride import build_ride
-
-        return build_ride(name.removeprefix("ride_"), num_classes, in_channels, experts)
-    if name == "resnet32":
-        return ResNet32(num_classes, in_channels)
-    if name in ("resnet50", "resnext50_32x4d"):
-        return TorchvisionNet(name, num_classes, in_channels)
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}, ride (or ride_<model>)")

@@ -87,6 +87,11 @@ class Source:
     info: dict = field(default_factory=dict)
 
     @property
+    def in_channels(self) -> int:
+        """Channels of the images a model sees: the stored channels in memory, RGB for decoded files."""
+        return self.train.images.shape[-1] if self.train.in_memory else 3
+
+    @property
     def class_counts(self) -> np.ndarray:
         """Training images per class, int64 [C]."""
         return np.bincount(self.train.labels, minlength=self.num_classes).astype(np.int64)
