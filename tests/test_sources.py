@@ -82,13 +82,27 @@ def small_cifar(tmp_path, monkeypatch):
     return tmp_path, written
 
 
+def ldam_split(labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The LDAM / BBN code's choice, written as that code does it: np.random.seed(0), then for each class in
+    class order np.random.shuffle of its indices and the first n_c kept."""
+    np.random.seed(0)
+    keep = []
+    for c, n in enumerate(counts):
+        idx = np.where(labels == c)[0]
+        np.random.shuffle(idx)
+        keep.append(idx[:n])
+    return np.sort(np.concatenate(keep))
+
+
 @pytest.mark.parametrize("imbalance", [10, 50, 100])
-def test_cifar_long_tail_keeps_first_images_of_each_class(small_cifar, imbalance):
+def test_cifar_long_tail_keeps_the_images_of_the_standard_split(small_cifar, imbalance):
     root, written = small_cifar
     source = load_source("cifar100-lt", root, imbalance)
     counts = longtail_counts(100, 6, imbalance)
     labels = written["train_labels"]
-    expected_ids = np.sort(np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(counts)]))
+    expected_ids = ldam_split(labels, counts)
+    first = np.sort(np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in enumerate(counts)]))
+    assert not np.array_equal(expected_ids, first)  # the shuffle matters: not the first n_c of each class
     assert source.num_classes == 100
     assert source.class_counts.tolist() == counts.tolist()
     assert np.array_equal(source.train.ids, expected_ids)

@@ -125,13 +125,19 @@ def longtail_counts(num_classes: int, n_max: int, imbalance: float) -> np.ndarra
                     dtype=np.int64)
 
 
-def longtail_subset(split: Split, counts: np.ndarray) -> Split:
-    """Keep the first ``counts[c]`` images of each class c, in file order."""
+def longtail_subset(split: Split, counts: np.ndarray, shuffle_seed: int | None = None) -> Split:
+    """Keep ``counts[c]`` images of each class c: the first ones in file order, or, with ``shuffle_seed``, the
+    ones the LDAM / BBN code keeps (numpy's legacy generator seeded once, then class by class in class order a
+    shuffle of that class's indices, the first n_c kept), which is the split the papers' CIFAR-LT numbers use.
+    The kept images stay in file order."""
+    legacy = np.random.RandomState(shuffle_seed) if shuffle_seed is not None else None  # = np.random.seed()
     keep = []
     for c, n in enumerate(counts):
         where = np.flatnonzero(split.labels == c)
         if len(where) < n:
             raise DataError(f"class {c} of {split.name} has {len(where)} images, the long tail needs {n}")
+        if legacy is not None:
+            legacy.shuffle(where)
         keep.append(where[:n])
     return split.subset(np.sort(np.concatenate(keep)))
 

@@ -1,4 +1,5 @@
-"""CIFAR-100-LT: the python-pickle release of CIFAR-100, long-tailed as in Cao et al. (LDAM, 2019)."""
+"""CIFAR-100-LT: the python-pickle release of CIFAR-100, long-tailed as in Cao et al. (LDAM, 2019), with the
+images their code keeps (``SPLIT_SEED``), which the DiVE paper's numbers use."""
 from __future__ import annotations
 
 import pickle
@@ -15,6 +16,7 @@ HOW = ("Download cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/c
        "(DATA_ROOT may also point at the cifar-100-python folder itself).")
 NUM_CLASSES = 100
 N_MAX = 500  # images of the largest class; a module constant so tests can shrink the long tail
+SPLIT_SEED = 0  # LDAM's IMBALANCECIFAR100(rand_number=0): np.random.seed(0), then a shuffle per class
 SIDE = 32
 MEAN = (0.5071, 0.4865, 0.4409)
 STD = (0.2673, 0.2564, 0.2762)
@@ -126,14 +128,15 @@ def find_folder(root: Path) -> Path:
 
 
 def load(root: Path | None = None, imbalance: float = 100) -> Source:
-    """CIFAR-100-LT: class c keeps its first floor(500 * (1/IF)^(c/99)) training images; full test set."""
+    """CIFAR-100-LT: class c keeps floor(500 * (1/IF)^(c/99)) training images, chosen as LDAM's code chooses them
+    (see ``longtail_subset``); the full test set."""
     root = require_dir(Path(root) if root else DEFAULT_ROOT, "cifar100-lt", HOW)
     folder = find_folder(root)
     paths = {part: require_file(folder / part, "cifar100-lt", HOW) for part in ("train", "test", "meta")}
     train = read_split(paths["train"], "train")
     counts = longtail_counts(NUM_CLASSES, N_MAX, imbalance)
     try:
-        train = longtail_subset(train, counts)
+        train = longtail_subset(train, counts, shuffle_seed=SPLIT_SEED)
     except DataError as error:  # base's message names the class, not the file it came from
         raise DataError(f"{paths['train']}: {error}. Is this the full CIFAR-100 training file?") from error
     return Source(
