@@ -114,11 +114,20 @@ def test_ride_dive_loss_is_the_dive_loss_of_every_expert_summed():
     counts = torch.tensor([50, 10, 2])
     experts, teacher = torch.randn(4, 8, 3), torch.randn(8, 3)
     labels = torch.randint(0, 3, (8,))
-    loss = DiVELoss(counts, 3.0, 0.5, 0.75)
-    got = loss({"logits": experts.mean(0), "expert_logits": experts}, labels, teacher)
-    each = [loss({"logits": e}, labels, teacher) for e in experts]
-    torch.testing.assert_close(got["loss"], sum(p["loss"] for p in each))
-    torch.testing.assert_close(got["kd"], sum(p["kd"] for p in each) / 4)
+    tau, p, alpha = 3.0, 0.5, 0.75
+    got = DiVELoss(counts, tau, p, alpha)({"logits": experts.mean(0), "expert_logits": experts}, labels, teacher)
+    # each expert's DiVE loss from its definition: BSCE = CE(s + log n), and tau^2 KL(t || softmax(s / tau)) with
+    # t the p-normalized softmax(z / tau)
+    q = torch.softmax(teacher.double() / tau, -1) ** p
+    t = q / q.sum(-1, keepdim=True)
+    bsce, kd = [], []
+    for s in experts.double():
+        shifted = s + torch.log(counts.double())
+        bsce.append(-(shifted.log_softmax(-1).gather(1, labels[:, None])).mean())
+        kd.append(tau ** 2 * (t * (t.log() - (s / tau).log_softmax(-1))).sum(-1).mean())
+    total = sum((1 - alpha) * b + alpha * k for b, k in zip(bsce, kd))
+    assert got["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+    assert got["kd"].item() == pytest.approx((sum(kd) / 4).item(), rel=1e-5)
 
 
 def test_router_targets_and_loss_by_hand():

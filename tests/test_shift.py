@@ -43,5 +43,22 @@ def test_shift_accuracies_columns_and_uniform():
     assert list(res["w/o PC"]) == ["Forward-50", "Forward-25", "Forward-10", "Forward-5", "Forward-2", "Uniform",
                                    "Backward-2", "Backward-5", "Backward-10", "Backward-25", "Backward-50"]
     assert res["w/o PC"]["Uniform"] == pytest.approx(((logits.argmax(1) == labels).mean()) * 100)
-    # with a uniform target prior PC changes nothing for a balanced-softmax model
-    assert res["w/ PC"]["Uniform"] == pytest.approx(res["w/o PC"]["Uniform"])
+
+
+def test_post_compensation_on_shifted_priors_by_hand():
+    """Two classes, 4 test images each (file order below), training counts 100 and 10.
+    Forward-4 keeps class 0's four and class 1's first (prior 0.8, 0.2); Backward-4 keeps class 0's first and
+    class 1's four (prior 0.2, 0.8). PC adds log prior: log(0.8 / 0.2) = 1.386 moves a margin of 1 either way."""
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    logits = np.array([[0, 1], [1, 0], [0, 1], [1, 0],  # class 0: wrong, right, wrong, right
+                       [0, 1], [1, 0.5], [0, 1], [0, 1]], dtype=float)  # class 1: right, wrong, right, right
+    res = shift_accuracies(logits, labels, np.array([100, 10]), plain_ce=False, imbalances=(4,))
+    # Forward: w/o PC 2 of 4 and 1 of 1 -> 3/5; with PC both [0, 1] of class 0 flip to right, class 1's flips to
+    # wrong -> 4/5
+    assert (res["w/o PC"]["Forward-4"], res["w/ PC"]["Forward-4"]) == pytest.approx((60.0, 80.0))
+    # Backward: w/o PC 0 of 1 and 3 of 4 -> 3/5; with PC class 1's [1, 0.5] flips to right -> 4/5
+    assert (res["w/o PC"]["Backward-4"], res["w/ PC"]["Backward-4"]) == pytest.approx((60.0, 80.0))
+    # a plain-CE model's PC also removes the training prior (log 10 towards class 1): on Forward-4 class 0's
+    # [1, 0] stay right (1 - 0.128 > 0.789) and its [0, 1] stay wrong -> 3/5
+    ce = shift_accuracies(logits, labels, np.array([100, 10]), plain_ce=True, imbalances=(4,))
+    assert ce["w/ PC"]["Forward-4"] == pytest.approx(60.0)

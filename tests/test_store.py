@@ -210,7 +210,7 @@ def test_epoch_order_is_a_sharded_permutation(n, chunk, world):
     np.testing.assert_array_equal(np.sort(full), np.arange(n))
     np.testing.assert_array_equal(np.concatenate(shares)[:n], full)  # disjoint: rank shares split it
     np.testing.assert_array_equal(full, chunked_order(3, n, chunk, 11, window=2))  # a pure function
-    assert n < 40 or not np.array_equal(full, chunked_order(4, n, chunk, 11, window=2))
+    assert not np.array_equal(full, chunked_order(4, n, chunk, 11, window=2))  # another epoch, another order
 
 
 def test_epoch_order_is_chunk_local():

@@ -29,16 +29,18 @@ def make_store(path, logits: np.ndarray, labels: np.ndarray, chunk=None) -> Logi
 
 
 def test_virtual_counts_by_hand(tmp_path):
-    # every view of all 3 images has z = [ln 4, 0]: at tau 1, p 1, t = [0.8, 0.2], so V = 3 * t = [2.4, 0.6];
-    # at p 0.5, t = softmax([ln 2, 0]) = [2/3, 1/3], so V = [2, 1]; at tau 2, p 1 the same as p 0.5.
+    # images 0 and 1 have z = [ln 4, 0] in both views, image 2 has z = [0, ln 9].
+    # tau 1, p 1: t = [0.8, 0.2] twice and [0.1, 0.9], so V = [1.7, 1.3].
+    # tau 1, p 0.5: t = softmax([ln 2, 0]) = [2/3, 1/3] twice and softmax([0, ln 3]) = [1/4, 3/4]: V = [19/12, 17/12].
+    # tau 2, p 1 divides the logits by 2, which gives the same targets as p 0.5 here.
     z = np.zeros((3, 2, 2), np.float32)
-    z[..., 0] = math.log(4)
+    z[:2, :, 0] = math.log(4)
+    z[2, :, 1] = math.log(9)
     store = make_store(tmp_path / "s.zarr", z, np.array([0, 0, 1]))
     got = virtual_counts(store, [(1.0, 1.0), (1.0, 0.5), (2.0, 1.0)])
-    assert got[0] == pytest.approx([2.4, 0.6], rel=1e-3)  # float16 storage of ln 4
-    assert got[1] == pytest.approx([2.0, 1.0], rel=1e-3)
-    assert got[2] == pytest.approx([2.0, 1.0], rel=1e-3)
-    assert got.sum(axis=1) == pytest.approx([3, 3, 3])  # soft labels sum to one per view
+    assert got[0] == pytest.approx([1.7, 1.3], rel=1e-3)  # float16 storage of ln 4 and ln 9
+    assert got[1] == pytest.approx([19 / 12, 17 / 12], rel=1e-3)
+    assert got[2] == pytest.approx([19 / 12, 17 / 12], rel=1e-3)
 
 
 def test_virtual_counts_match_a_direct_computation_over_the_raw_store(tmp_path):
@@ -84,5 +86,9 @@ def test_inspect_stage_on_a_real_cache(small_cache, tmp_path):
     result = json.loads((tmp_path / "inspect.json").read_text())
     assert (tmp_path / "inspect.png").stat().st_size > 1000
     store = LogitStore.open(cache / "logits.zarr")
-    for entry in result["settings"]:
-        assert sum(entry["virtual_counts"]) == pytest.approx(store.n, rel=1e-6)
+    raw = np.stack([store.read_rows(0, store.n, view)[0] for view in range(store.v)], axis=1).astype(np.float64)
+    for entry in result["settings"]:  # the stage's counts against the definition, from every stored logit
+        q = np.exp(raw / entry["tau"] - (raw / entry["tau"]).max(-1, keepdims=True))
+        q /= q.sum(-1, keepdims=True)
+        t = q ** entry["power"] / (q ** entry["power"]).sum(-1, keepdims=True)
+        np.testing.assert_allclose(entry["virtual_counts"], t.sum(axis=(0, 1)) / store.v, rtol=1e-4)
