@@ -19,7 +19,8 @@ from pipeline.data.loaders import ViewLoader
 from pipeline.data.sources import Source
 from pipeline.models import build_model
 from pipeline.models.flops import gflops_per_image
-from pipeline.settings import (TeacherSettings, Training, defaults_for, differences, from_dict)
+from pipeline.run_names import differences
+from pipeline.settings import TeacherSettings, Training, defaults_for, from_dict
 from pipeline.train.loop import evaluate, load_checkpoint, save_checkpoint
 from pipeline.train.metrics import accuracy_report, format_table
 from store.manifest import MANIFEST, ArtifactError, read_manifest, sha256_file, write_json_atomic, write_manifest

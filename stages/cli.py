@@ -8,7 +8,8 @@ from typing import List, Optional
 import typer
 
 from pipeline.data.sources import DataError
-from pipeline.settings import ConfigError, cache_dir, resolve, student_dir, teacher_dir
+from pipeline.run_names import cache_dir, student_dir, teacher_dir
+from pipeline.settings import ConfigError, resolve
 from store.manifest import ArtifactError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

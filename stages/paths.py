@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.settings import (STAGES, ConfigError, cache_dir, defaults_for, differences, resolve, student_dir,
-                               teacher_dir)
+from pipeline.run_names import cache_dir, differences, student_dir, teacher_dir
+from pipeline.settings import STAGES, ConfigError, defaults_for, resolve
 
 MANIFEST = "manifest.json"  # store.manifest.MANIFEST (numpy-free import here)
 

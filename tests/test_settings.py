@@ -5,8 +5,9 @@ import math
 import pytest
 
 from pipeline.data.views import KINDS
-from pipeline.settings import (AUG_KINDS, DATASETS, STAGES, ConfigError, cache_dir, cache_settings, keys_of,
-                               resolve, student_dir, student_settings, teacher_dir, teacher_settings)
+from pipeline.run_names import cache_dir, student_dir, teacher_dir
+from pipeline.settings import (AUG_KINDS, DATASETS, STAGES, ConfigError, cache_settings, keys_of, resolve,
+                               student_settings, teacher_settings)
 from pipeline.train.loop import lr_at
 
 
