@@ -143,7 +143,8 @@ class RunRecord:
         """Everything that identifies the run except its seed: runs with equal keys are seeds of one row. A
         student's teacher settings include the teacher's seed, so students of two teachers never share a row."""
         identity = {k: v for k, v in self.settings.identity().items() if k != "seed"}
-        return json.dumps([self.method, identity, self.upstream, self.teacher.identity()], sort_keys=True)
+        upstream = self.teacher.identity() if self.stage == "student" else None  # a teacher's is ``identity``
+        return json.dumps([self.method, identity, self.upstream, upstream], sort_keys=True)
 
 
 def collect_runs(runs: Path) -> list[RunRecord]:

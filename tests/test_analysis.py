@@ -125,3 +125,22 @@ def test_tsne_target_end_to_end(tmp_path):
         assert out["scores"][method]["acc_8"] == 100.0
     assert (tmp_path / "analysis" / "tsne.png").stat().st_size > 20_000
     assert "| DiVE | dive-seed0 |" in (tmp_path / "analysis" / "tsne.md").read_text()
+
+
+def test_report_and_shift_eval_list_every_run(tmp_path):
+    """Five runs: two CE seeds (one row), a BSCE teacher, and students of two settings (a row each). A sixth
+    folder holding an alpha-sweep student of the same tau, p and seed as another must not overwrite it."""
+    labels = np.repeat(np.arange(10), 4)
+    make_runs(tmp_path, labels, {m: labels for m in ("CE", "BSCE", "DiVE")})
+    fake_run(tmp_path / "cache-teacher-bsce-seed0" / "students" / "dive-seed0-a0.8-123456", "student",
+             {"teacher": {}, "student": {"alpha": 0.8}}, labels, one_hot_logits(labels))
+    run_cli("shift-eval", "--runs", str(tmp_path))
+    rows = json.loads((tmp_path / "shift_eval.json").read_text())
+    assert len(rows) == 6 and all((tmp_path / key / "eval.npz").is_file() for key in rows)
+    assert {r["model"] for r in rows.values()} >= {"DiVE tau 3 p 0.5 alpha 0.8, seed 0",
+                                                   "DiVE tau 3 p 0.5 alpha 0.5, seed 0",
+                                                   "DiVE tau 9 p 1 alpha 0.5, seed 0"}
+    report = run_cli("report", "--runs", str(tmp_path)).stdout
+    assert "6 runs in 5 rows" in report
+    assert "| CE | resnet32, 200 ep; defaults | - | 0,1 |" in report
+    assert "| DiVE | tau 3, p 0.5, alpha 0.8; resnet32, 200 ep; defaults | cache-teacher-bsce-seed0 | 0 |" in report
