@@ -50,6 +50,11 @@ def prepare_run_dir(out: Path, identity: dict) -> bool:
     return (out / MANIFEST).is_file()
 
 
+def runtime_record(settings, dist) -> dict:
+    """The runtime side of a run, for its manifest: the settings' runtime keys, the world size and device."""
+    return {**settings.runtime(), "world": dist.world, "device": str(dist.device)}
+
+
 def settings_of(config: dict, stage: str):
     """A stage's settings from a saved config: its own section, or (runs made before per-stage settings)
     the flat recipe that held every key."""

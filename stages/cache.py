@@ -28,7 +28,7 @@ from store.manifest import ArtifactError, check_fingerprint, read_manifest, sha2
 from store.reader import LogitStore
 from store.writer import StoreWriter
 
-from .artifacts import EXPERT_STORE, STORE, load_teacher, prepare_run_dir, teacher_of
+from .artifacts import EXPERT_STORE, STORE, load_teacher, prepare_run_dir, runtime_record, teacher_of
 
 
 def identity(teacher: TeacherSettings, cache: CacheSettings, teacher_sha: str) -> dict:
@@ -164,7 +164,7 @@ def run(teacher_dir: Path, out: Path, cache: CacheSettings, data_root: Path | No
         store = LogitStore.open(out / STORE, expect=attrs["fingerprints"])
         seconds = time.perf_counter() - start
         size = sum(directory_bytes(out / name) for name in outputs)
-        config = {**identity(teacher, cache, teacher_sha), "runtime": {**cache.runtime(), "world": dist.world},
+        config = {**identity(teacher, cache, teacher_sha), "runtime": runtime_record(cache, dist),
                   "teacher_dir": str(teacher_dir)}
         write_manifest(out, "cache", config, inputs={"teacher_model": teacher_sha, **attrs["fingerprints"]},
                        outputs=outputs, extra={

@@ -30,7 +30,8 @@ from pipeline.train.setup import trainable_model
 from store.manifest import read_manifest
 from store.reader import LogitStore
 
-from .artifacts import STORE, finish, load_teacher, prepare_run_dir, report_from_eval, settings_of
+from .artifacts import (STORE, finish, load_teacher, prepare_run_dir, report_from_eval, runtime_record,
+                        settings_of)
 
 
 def cache_teacher(cache_dir: Path) -> TeacherSettings:
@@ -122,7 +123,7 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
         extra = {"store_wait_seconds": getattr(loader, "wait_seconds", 0.0)}
         if student.is_ride and student.experts > 1 and student.router_epochs:
             extra["router"] = routed(student, spec, source, unwrap(model), tests, out, dist.device, log)
-        config = {**ident, "runtime": {**student.runtime(), "world": dist.world}, "cache_dir": str(cache_dir)}
+        config = {**ident, "runtime": runtime_record(student, dist), "cache_dir": str(cache_dir)}
         metrics = finish(student, source, unwrap(model), tests, out, history, config, dist.device, log,
                          stage="student", name=f"student ({'RIDE-' if student.is_ride else ''}DiVE, {mode})",
                          inputs={"cache": json.dumps(store.fingerprints, sort_keys=True)}, extra=extra)

@@ -15,7 +15,7 @@ from pipeline.train.losses import build_teacher_loss
 from pipeline.train.setup import trainable_model
 from store.manifest import read_manifest
 
-from .artifacts import finish, prepare_run_dir, report_from_eval
+from .artifacts import finish, prepare_run_dir, report_from_eval, runtime_record
 
 
 def identity(settings: TeacherSettings) -> dict:
@@ -62,7 +62,7 @@ def run(settings: TeacherSettings, out: Path, data_root: Path | None = None, dev
                   eval_now, log)
     metrics = {}
     if dist.main:
-        config = {**identity(settings), "runtime": {**settings.runtime(), "world": dist.world}}
+        config = {**identity(settings), "runtime": runtime_record(settings, dist)}
         metrics = finish(settings, source, unwrap(model), tests, out, history, config, dist.device, log,
                          stage="teacher", name=f"teacher ({settings.loss})")
     barrier(dist)

@@ -73,7 +73,8 @@ def test_ride_resnet32_flops_by_hand():
     assert six["per_expert"] == pytest.approx(2 * expert / 1e9, rel=1e-12)
     assert six["total"] == pytest.approx(2 * (shared + 6 * expert) / 1e9, rel=1e-12)
     model = build_ride("resnet32", 10, 3, 2)
-    assert [m.out_channels for m in model.experts[0].modules() if isinstance(m, torch.nn.Conv2d)] == [24] * 10 + [48] * 10
+    widths = [m.out_channels for m in model.experts[0].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [24] * 10 + [48] * 10
 
 
 def test_diversity_temperatures_by_hand():
@@ -191,7 +192,8 @@ def test_ride_teacher_cache_and_routed_student_under_torchrun(tmp_path):
     assert 1 <= router["experts"] <= 4 and router["gflops"] <= s["metrics"]["gflops"] + 1e-6
     assert (student / "router.pt").is_file() and (student / "eval_routed.npz").is_file()
     report = run_cli("report", "--runs", str(tmp_path)).stdout
-    for row in ("| RIDE, BSCE (teacher) | ride_resnet32 x3", "| RIDE-DiVE | tau 3, p 0.5, alpha 0.75; ride_resnet32 x4, 1 ep",
+    for row in ("| RIDE, BSCE (teacher) | ride_resnet32 x3",
+                "| RIDE-DiVE | tau 3, p 0.5, alpha 0.75; ride_resnet32 x4, 1 ep",
                 "| RIDE-DiVE + router |"):
         assert row in report
 

@@ -34,8 +34,8 @@ def _loaders(teacher_dir, cache):
     executor = TorchExecutor(source.train.images, settings.crop_size, source.mean, source.std)
     teacher = load_teacher(teacher_dir, torch.device("cpu"), settings.channels_last)
     cached = CachedTargets(store, source.train.ids, executor, 128, seed=0)
-    online = OnlineTargets.like(store, source.train, teacher, settings.view_spec(), executor, 128, 0, torch.device("cpu"),
-                                settings.bf16, settings.channels_last)
+    online = OnlineTargets.like(store, source.train, teacher, settings.view_spec(), executor, 128, 0,
+                                torch.device("cpu"), settings.bf16, settings.channels_last)
     return store, source, cached, online, settings, teacher
 
 
