@@ -22,7 +22,8 @@ CODECS = ("float16", "int8")
 SCHEDULES = ("step", "cosine")
 MODES = ("cached", "online")
 AUG_KINDS = ("pad_crop", "resized_crop", "short_side_crop", "identity")  # pipeline.data.views.KINDS
-RUNTIME_KEYS = ("workers", "bf16", "channels_last", "eval_every")
+RUNTIME_KEYS = ("workers", "bf16", "channels_last", "eval_every", "micro_batch")
+WARMUPS = ("epoch", "step")
 TEACHER_EXPERTS = 6  # a RIDE teacher's experts unless experts= says otherwise
 STUDENT_EXPERTS = 4  # a RIDE-DiVE student's
 RIDE_STUDENT_ALPHA = 0.75  # RIDE-DiVE's alpha (DiVE paper, multi-expert students)
@@ -74,11 +75,18 @@ class Training(_Keys):
     weight_decay: float
     schedule: str  # "step" (milestones x gamma) or "cosine" (by epoch)
     warmup_epochs: int
+    # "epoch": lr * (e + 1) / W in epoch e < W (LDAM's CIFAR schedule); "step": Goyal et al.'s gradual warm-up,
+    # rising linearly every iteration from lr / steps to lr over the first W epochs
+    warmup: str = "epoch"
     milestones: tuple[int, ...] = ()
     gamma: float = 0.01
     seed: int = 0
     # runtime: recorded, never part of a run's identity
     eval_every: int = 0  # also evaluate every k epochs (0: only at the end)
+    # Images per forward/backward pass on a device; gradients accumulate over a rank's share of the global
+    # batch, so batch, lr and schedule hold on any number of devices. 0 ("auto"): the largest that fits,
+    # measured by a probe step before training.
+    micro_batch: int = 0
     workers: int = 2  # DALI decode threads for image-file datasets
     bf16: bool = True  # bfloat16 autocast
     channels_last: bool = True
@@ -87,8 +95,9 @@ class Training(_Keys):
 
     def __post_init__(self) -> None:
         _one_of("schedule", self.schedule, SCHEDULES)
+        _one_of("warmup", self.warmup, WARMUPS)
         _at_least(self, 1, "epochs", "batch_size")
-        _at_least(self, 0, "experts", "warmup_epochs", "seed", "eval_every", "workers")
+        _at_least(self, 0, "experts", "warmup_epochs", "seed", "eval_every", "workers", "micro_batch")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
 
@@ -198,13 +207,17 @@ DATASETS: dict[str, Defaults] = {
     "fmnist-lt": _defaults("fmnist-lt", _CIFAR_TRAIN, _CIFAR_VIEWS, 200, _CIFAR_DISTILL),
     "cifar100-lt": _defaults("cifar100-lt", _CIFAR_TRAIN, _CIFAR_VIEWS, 200, _CIFAR_DISTILL),
     # ResNeXt-50 32x4d; shorter side 256, random 224 crop or its flip, colour jitter; cosine by epoch.
+    # The paper states batch 512, lr 0.2 and cosine decay; the 5-epoch gradual warm-up (Goyal et al.) is our
+    # choice: without one, short runs diverged within an epoch.
     "imagenet-lt": _defaults("imagenet-lt", dict(model="resnext50_32x4d", epochs=90, batch_size=512, lr=0.2,
-                                                 weight_decay=5e-4, schedule="cosine", warmup_epochs=0),
+                                                 weight_decay=5e-4, schedule="cosine", warmup_epochs=5,
+                                                 warmup="step"),
                              dict(aug="short_side_crop", crop_size=224, resize=256, jitter=0.4), 10,
                              dict(tau=9.0, power=1.0, alpha=0.5)),
-    # ResNet-50; random resized crop 224 and flip; 90 epochs (200 as an option); cosine.
+    # ResNet-50; random resized crop 224 and flip; 90 epochs (200 as an option); cosine; batch 256, lr 0.1 as
+    # Goyal et al.'s reference point (the paper's ref. [2]). The 5-epoch gradual warm-up is our choice, as above.
     "inat2018": _defaults("inat2018", dict(model="resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=5e-4,
-                                           schedule="cosine", warmup_epochs=0),
+                                           schedule="cosine", warmup_epochs=5, warmup="step"),
                           dict(aug="resized_crop", crop_size=224, resize=256), 8, dict(tau=2.0, power=0.5, alpha=0.5)),
 }
 
@@ -238,7 +251,7 @@ def teacher_settings(dataset: str, overrides: typing.Iterable[str] | dict = ()) 
     """The dataset's teacher defaults with ``key=value`` overrides; ``model=ride`` is the dataset's backbone
     as a RIDE model with 6 experts unless ``experts=`` says otherwise."""
     base = defaults_for(dataset).teacher
-    changes = _changes("teacher", overrides)
+    changes = _scaled_lr(base, _changes("teacher", overrides))
     if "dataset" in changes:
         raise ConfigError("the dataset is chosen with DATASET= (make) or --dataset (dive), not an override")
     return _with_experts(_build(base, changes), base.model, TEACHER_EXPERTS)
@@ -254,7 +267,7 @@ def student_settings(dataset: str, overrides: typing.Iterable[str] | dict = ()) 
     settings: a student trains with its own batch, lr and epochs. A RIDE student (model=ride) takes RIDE-DiVE's
     defaults (4 experts, alpha 0.75, tau 3 on ImageNet-LT) where the overrides do not say otherwise."""
     base = defaults_for(dataset).student
-    changes = _changes("student", overrides)
+    changes = _scaled_lr(base, _changes("student", overrides))
     settings = _with_experts(_build(base, changes), base.model, STUDENT_EXPERTS)
     if settings.is_ride:
         ride = {"alpha": RIDE_STUDENT_ALPHA, "tau": RIDE_STUDENT_TAU.get(dataset, base.tau)}
@@ -279,6 +292,25 @@ def _with_experts(settings: Training, backbone: str, default_experts: int) -> Tr
             raise ConfigError(f"experts={settings.experts} needs a RIDE model: add model=ride")
         return settings
     return settings if settings.experts else replace(settings, experts=default_experts)
+
+
+def _scaled_lr(base: Training, changes: dict) -> dict:
+    """Goyal et al.'s linear scaling rule: a batch given without an lr takes the defaults' lr times the
+    batch's ratio to the defaults' batch, so lr / batch stays as the recipe has it."""
+    if "batch_size" in changes and "lr" not in changes:
+        changes = {**changes, "lr": base.lr * changes["batch_size"] / base.batch_size}
+    return changes
+
+
+def lr_reason(settings: Training, base: Training) -> str:
+    """Why a run uses its lr, for its log: the recipe's, linearly scaled with the batch, or given."""
+    if settings.lr == base.lr and settings.batch_size == base.batch_size:
+        return f"lr {settings.lr:g}: the recipe's for batch {base.batch_size}"
+    scaled = base.lr * settings.batch_size / base.batch_size
+    if abs(settings.lr - scaled) <= 1e-12 * scaled:
+        return (f"lr {settings.lr:g}: the recipe's {base.lr:g} at batch {base.batch_size}, scaled linearly to batch "
+                f"{settings.batch_size} (Goyal et al.; give lr= to choose another)")
+    return f"lr {settings.lr:g}: given (the recipe's would be {scaled:g} at batch {settings.batch_size})"
 
 
 def _build(base, changes: dict):
@@ -338,6 +370,8 @@ def parse_value(key: str, text: str, kind: typing.Any) -> typing.Any:
             if lowered in ("0", "false", "no", "off"):
                 return False
             raise ValueError(text)
+        if key == "micro_batch" and text.lower() == "auto":
+            return 0  # 0 means: measure the largest micro batch that fits
         if kind in (int, float, str):
             return kind(text)
         if typing.get_origin(kind) is tuple:

@@ -10,6 +10,7 @@ import typer
 from pipeline.data.sources import DataError
 from pipeline.run_names import cache_dir, student_dir, teacher_dir
 from pipeline.settings import ConfigError, resolve
+from pipeline.train.errors import RUN_ERRORS
 from store.manifest import ArtifactError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -44,7 +45,7 @@ def teacher(dataset: str = DatasetOpt, loss: Optional[str] = typer.Option(None, 
     try:
         settings = resolve("teacher", dataset, _with(overrides, loss=loss, seed=seed))
         stage.run(settings, out or teacher_dir(runs, settings), data_root, device)
-    except (ConfigError, DataError, ArtifactError) as error:
+    except (ConfigError, DataError, ArtifactError, *RUN_ERRORS) as error:
         _fail(error)
 
 
@@ -88,7 +89,7 @@ def student(cache_folder: Path = typer.Option(..., "--cache", help="the cache's 
         settings = resolve("student", dataset, _with(overrides, tau=tau, power=power, alpha=alpha, seed=seed,
                                                      mode=mode))
         stage.run(cache_folder, out or student_dir(cache_folder, settings, dataset), settings, data_root, device)
-    except (ConfigError, DataError, ArtifactError) as error:
+    except (ConfigError, DataError, ArtifactError, *RUN_ERRORS) as error:
         _fail(error)
 
 
@@ -253,7 +254,8 @@ def recipe(dataset: str = DatasetOpt) -> None:
         typer.echo(f"[{stage}]")
         values = defaults.of(stage)
         for key, value in values.to_dict().items():
-            typer.echo(f"{key:>16} = {value}" + ("   (runtime)" if key in values.runtime_keys else ""))
+            shown = "auto" if key == "micro_batch" and value == 0 else value
+            typer.echo(f"{key:>16} = {shown}" + ("   (runtime)" if key in values.runtime_keys else ""))
 
 
 def main() -> None:  # pragma: no cover - console entry

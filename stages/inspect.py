@@ -36,9 +36,15 @@ def table(rows: dict[str, dict]) -> str:
     head = f"{'distribution':<22}{'min/max':>9}{'R few/many':>12}{'entropy':>9}{'Many':>9}{'Medium':>9}{'Few':>9}"
     lines = [head, "-" * len(head)]
     for name, f in rows.items():
-        lines.append(f"{name:<22}{f['min_over_max']:>9.4f}{f['tail_to_head']:>12.4f}{f['entropy']:>9.4f}"
-                     f"{f['mean_many']:>9.1f}{f['mean_medium']:>9.1f}{f['mean_few']:>9.1f}")
+        lines.append(f"{name:<22}{_num(f['min_over_max'], 9, 4)}{_num(f['tail_to_head'], 12, 4)}"
+                     f"{_num(f['entropy'], 9, 4)}{_num(f['mean_many'], 9, 1)}{_num(f['mean_medium'], 9, 1)}"
+                     f"{_num(f['mean_few'], 9, 1)}")
     return "\n".join(lines)
+
+
+def _num(value: float, width: int, digits: int) -> str:
+    """A figure, or – where a group has no class (R needs both Few and Many)."""
+    return f"{'–':>{width}}" if np.isnan(value) else f"{value:>{width}.{digits}f}"
 
 
 def plot(path: Path, real: np.ndarray, virtual: dict[str, np.ndarray], title: str) -> None:

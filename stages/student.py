@@ -20,13 +20,14 @@ from pipeline.data.targets import CachedTargets, OnlineTargets
 from pipeline.data.views import ViewSpec
 from pipeline.models.flops import gflops_per_image
 from pipeline.models.router import Router, routed_gflops
-from pipeline.settings import StudentSettings, TeacherSettings
+from pipeline.settings import StudentSettings, TeacherSettings, defaults_for, lr_reason
 from pipeline.train.distributed import barrier, init_from_env
-from pipeline.train.loop import fit, make_optimizer, save_checkpoint, unwrap
+from pipeline.train.errors import TrainingDiverged
+from pipeline.train.loop import diverged_message, fit, make_optimizer, save_checkpoint, unwrap
 from pipeline.train.losses import DiVELoss
 from pipeline.train.metrics import format_table
 from pipeline.train.router import evaluate_routed, train_router
-from pipeline.train.setup import trainable_model
+from pipeline.train.setup import micro_batch_for, trainable_model
 from store.manifest import read_manifest
 from store.reader import LogitStore
 
@@ -100,7 +101,8 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
     if dist.main:
         log(f"student: {student.model} from {cache_dir} ({store.n:,} images x {store.v} views), tau {student.tau}, "
             f"p {student.power}, alpha {student.alpha}, {student.epochs} epochs, batch {student.batch_size}, "
-            f"lr {student.lr}, mode {mode}, on {dist.device} x{dist.world}")
+            f"mode {mode}, on {dist.device} x{dist.world}")
+        log(f"student: {lr_reason(student, defaults_for(teacher.dataset).student)}")
     model = trainable_model(student, source, dist)
     spec = teacher.view_spec()
     local_batch = student.batch_size // dist.world
@@ -116,14 +118,20 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
     loss = DiVELoss(torch.as_tensor(source.class_counts), student.tau, student.power, student.alpha).to(dist.device)
     loss_fn = lambda outputs, b: loss(outputs, b.labels.to(dist.device), b.teacher_logits.to(dist.device))  # noqa: E731
     tests = test_loader(source, spec, student.workers, dist.device) if dist.main else None
-    history = fit(model, loss_fn, loader, student, make_optimizer(model, student), dist, out / "checkpoint.pt",
-                  log=log)
+    micro = micro_batch_for("student", student, model, loss_fn, source, spec.size, dist, True, log)
+    try:
+        history = fit(model, loss_fn, loader, student, make_optimizer(model, student), dist, out / "checkpoint.pt",
+                      log=log, micro_batch=micro)
+    except TrainingDiverged as error:
+        raise TrainingDiverged(diverged_message("student", student, defaults_for(teacher.dataset).student,
+                                                str(error))) from None
     metrics = {}
     if dist.main:
         extra = {"store_wait_seconds": getattr(loader, "wait_seconds", 0.0)}
         if student.is_ride and student.experts > 1 and student.router_epochs:
             extra["router"] = routed(student, spec, source, unwrap(model), tests, out, dist.device, log)
-        config = {**ident, "runtime": runtime_record(student, dist), "cache_dir": str(cache_dir)}
+        config = {**ident, "runtime": runtime_record(student, dist, micro_batch_used=micro),
+                  "cache_dir": str(cache_dir)}
         metrics = finish(student, source, unwrap(model), tests, out, history, config, dist.device, log,
                          stage="student", name=f"student ({'RIDE-' if student.is_ride else ''}DiVE, {mode})",
                          inputs={"cache": json.dumps(store.fingerprints, sort_keys=True)}, extra=extra)

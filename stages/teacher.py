@@ -8,11 +8,12 @@ import torch
 
 from pipeline.data.loaders import ViewLoader, make_executor, test_loader
 from pipeline.data.sources import load_source
-from pipeline.settings import TeacherSettings
+from pipeline.settings import TeacherSettings, defaults_for, lr_reason
 from pipeline.train.distributed import barrier, init_from_env
-from pipeline.train.loop import evaluate, fit, make_optimizer, unwrap
+from pipeline.train.errors import TrainingDiverged
+from pipeline.train.loop import diverged_message, evaluate, fit, make_optimizer, unwrap
 from pipeline.train.losses import build_teacher_loss
-from pipeline.train.setup import trainable_model
+from pipeline.train.setup import micro_batch_for, trainable_model
 from store.manifest import read_manifest
 
 from .artifacts import finish, prepare_run_dir, report_from_eval, runtime_record
@@ -38,6 +39,7 @@ def run(settings: TeacherSettings, out: Path, data_root: Path | None = None, dev
             f"{source.num_classes} classes, counts {counts.max()}..{counts.min()}), {settings.model}, {experts}"
             f"loss {settings.loss}, {settings.epochs} epochs, batch {settings.batch_size}, on {dist.device} "
             f"x{dist.world}")
+        log(f"teacher: {lr_reason(settings, defaults_for(settings.dataset).teacher)}")
     model = trainable_model(settings, source, dist)
     spec = settings.view_spec()
     local_batch = settings.batch_size // dist.world
@@ -58,12 +60,19 @@ def run(settings: TeacherSettings, out: Path, data_root: Path | None = None, dev
                                         settings.channels_last, keep_features=False), source.class_counts)
         return {k: rep[k] for k in ("top1", "many", "medium", "few")}
 
-    history = fit(model, loss_fn, loader, settings, make_optimizer(model, settings), dist, out / "checkpoint.pt",
-                  eval_now, log)
+    def explain(detail: str) -> str:
+        return diverged_message("teacher", settings, defaults_for(settings.dataset).teacher, detail)
+
+    micro = micro_batch_for("teacher", settings, model, loss_fn, source, spec.size, dist, False, log)
+    try:
+        history = fit(model, loss_fn, loader, settings, make_optimizer(model, settings), dist, out / "checkpoint.pt",
+                      eval_now, log, micro)
+    except TrainingDiverged as error:
+        raise TrainingDiverged(explain(str(error))) from None
     metrics = {}
     if dist.main:
-        config = {**identity(settings), "runtime": runtime_record(settings, dist)}
+        config = {**identity(settings), "runtime": runtime_record(settings, dist, micro_batch_used=micro)}
         metrics = finish(settings, source, unwrap(model), tests, out, history, config, dist.device, log,
-                         stage="teacher", name=f"teacher ({settings.loss})")
+                         stage="teacher", name=f"teacher ({settings.loss})", explain=explain)
     barrier(dist)
     return metrics

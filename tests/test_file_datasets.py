@@ -5,6 +5,7 @@ intact, and once the file is fixed a rerun finishes only what was missing.
 """
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -12,7 +13,7 @@ from PIL import Image
 
 from pipeline.data.targets import row_order
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 N, CLASSES = 300, 3
 TINY = ["--set", "model=resnet32", "--set", "crop_size=32", "--set", "resize=36", "--set", "batch_size=50",
@@ -71,3 +72,26 @@ def test_missing_image_is_named(tmp_path):
     proc = run_cli("teacher", "--dataset", "imagenet-lt", "--data-root", str(data), *TINY,
                    "--out", str(tmp_path / "t"), check=False)
     assert proc.returncode == 2 and str(missing) in proc.stderr
+
+
+def test_the_rehearsals_dataset_is_read_by_the_inat2018_reader(tmp_path):
+    """make rehearsal's writer at 60 classes: iNat2018's layout and files, counts 16 down to 2, 3 val images a
+    class, listed out of class order, real-photo crops that decode."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from rehearsal import train_counts, write_dataset
+
+    from pipeline.data.sources import load_source
+
+    counts = write_dataset(tmp_path, classes=60, workers=1)
+    source = load_source("inat2018", tmp_path)
+    assert source.num_classes == 60 and counts["train"] == len(source.train) and len(source.test) == 180
+    assert source.class_counts.tolist() == train_counts(60).tolist()
+    assert source.class_counts[0] == 16 and source.class_counts[-1] == 2
+    assert np.bincount(source.test.labels).tolist() == [3] * 60
+    assert not np.all(np.diff(source.train.labels) >= 0)  # not sorted by class
+    first = Path(source.train.files[0])
+    assert first.parts[-4] == "train_val2018" and first.parts[-2] == str(source.train.labels[0])
+    with Image.open(first) as image:
+        assert image.format == "JPEG" and 36 <= min(image.size) <= 64

@@ -130,7 +130,22 @@ def test_step_schedule_with_warmup():
 
 
 def test_cosine_schedule_by_epoch():
-    r = resolve("student", "inat2018")
+    r = resolve("student", "inat2018", ["warmup_epochs=0"])  # the cosine alone (the warm-up: test_training)
     assert lr_at(r, 0) == pytest.approx(0.1)
     assert lr_at(r, 45) == pytest.approx(0.05)
     assert lr_at(r, 89) == pytest.approx(0.5 * 0.1 * (1 + math.cos(math.pi * 89 / 90)))
+
+
+def test_a_run_saved_before_a_setting_existed_is_still_that_run(tmp_path):
+    import json
+
+    from stages.artifacts import prepare_run_dir
+
+    identity = {"stage": "teacher", "teacher": teacher_settings("fmnist-lt", ["epochs=3"]).identity()}
+    old = {**identity, "teacher": {k: v for k, v in identity["teacher"].items() if k != "warmup"}}
+    (tmp_path / "config.json").write_text(json.dumps(old))  # as a run made before warmup= existed
+    (tmp_path / "manifest.json").write_text("{}")
+    assert prepare_run_dir(tmp_path, identity) is True  # the default warm-up is what it ran with
+    other = {**identity, "teacher": {**identity["teacher"], "warmup": "step"}}
+    with pytest.raises(Exception, match="other settings"):
+        prepare_run_dir(tmp_path, other)

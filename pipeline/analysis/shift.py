@@ -22,23 +22,28 @@ def shifted_counts(train_counts: np.ndarray, n_test: int, imbalance: float, dire
 
 
 def subset_indices(labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """The first ``counts[c]`` test images of each class c, in file order."""
-    keep = []
-    for c, n in enumerate(counts):
-        where = np.flatnonzero(labels == c)
-        if len(where) < n:
-            raise ValueError(f"class {c} has {len(where)} test images, the shifted set needs {n}")
-        keep.append(where[:n])
-    return np.sort(np.concatenate(keep))
+    """The first ``counts[c]`` test images of each class c, in file order (vectorized: 8,142 classes at iNat)."""
+    labels, counts = np.asarray(labels), np.asarray(counts)
+    have = np.bincount(labels, minlength=len(counts))
+    short = np.flatnonzero(have < counts)
+    if len(short):
+        c = int(short[0])
+        raise ValueError(f"class {c} has {have[c]} test images, the shifted set needs {counts[c]}")
+    order = np.argsort(labels, kind="stable")  # by class, file order within a class
+    starts = np.concatenate([[0], np.cumsum(have)[:-1]])
+    rank = np.arange(len(order)) - starts[labels[order]]
+    return np.sort(order[rank < counts[labels[order]]])
 
 
 def post_compensate(logits: np.ndarray, target_prior: np.ndarray, train_prior: np.ndarray | None = None) -> np.ndarray:
     """PC: add log p_target to the logits; for a model trained with plain CE (whose logits carry the training
     prior) also subtract log p_train. Balanced-softmax models estimate balanced posteriors, so they add only
     log p_target."""
-    adjusted = logits + np.log(np.maximum(target_prior, 1e-12))
+    # float32 at most: at iNaturalist's 24,426 x 8,142 a float64 copy alone would take 1.6 GB
+    dtype = np.float32 if logits.dtype.itemsize <= 4 else logits.dtype
+    adjusted = logits.astype(dtype) + np.log(np.maximum(target_prior, 1e-12)).astype(dtype)
     if train_prior is not None:
-        adjusted = adjusted - np.log(np.maximum(train_prior, 1e-12))
+        adjusted = adjusted - np.log(np.maximum(train_prior, 1e-12)).astype(dtype)
     return adjusted
 
 

@@ -15,15 +15,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.settings import Training
 from pipeline.device import autocast, to_device
+from pipeline.settings import MAKE_VARIABLES, Training, lr_reason, make_variable
 
 from .distributed import Dist, all_reduce_mean
+from .errors import TrainingDiverged
+from .micro import accumulate_step
+
+CHECK_EVERY = 25  # steps between checks that the loss is finite (each check waits for the device)
 
 
-def lr_at(train: Training, epoch: int) -> float:
-    """Learning rate of an epoch: linear warm-up, then step decay (x gamma per milestone passed) or cosine."""
+def lr_at(train: Training, epoch: int, step: int = 0, steps: int = 1) -> float:
+    """Learning rate at ``step`` of ``steps`` in ``epoch``: a warm-up over ``warmup_epochs`` (per epoch as in
+    LDAM, or per step as Goyal et al.'s gradual warm-up), then step decay (x gamma per milestone) or cosine."""
     if epoch < train.warmup_epochs:
+        if train.warmup == "step":
+            return train.lr * (epoch * steps + step + 1) / (train.warmup_epochs * steps)
         return train.lr * (epoch + 1) / train.warmup_epochs
     if train.schedule == "cosine":
         return 0.5 * train.lr * (1.0 + math.cos(math.pi * epoch / train.epochs))
@@ -37,34 +44,36 @@ def make_optimizer(model: torch.nn.Module, train: Training) -> torch.optim.Optim
                            weight_decay=train.weight_decay)
 
 
-def train_one_epoch(model, loss_fn: Callable, batches, optimizer, lr: float, device: torch.device,
-                    bf16: bool, channels_last: bool, dist: Dist, log: Callable[[str], None] | None = None,
-                    steps: int = 0) -> dict[str, float]:
-    """Train over an iterable of batches at a fixed lr; returns mean loss parts and images/s.
+def train_one_epoch(model, loss_fn: Callable, batches, optimizer, lr: float | Callable[[int], float],
+                    device: torch.device, bf16: bool, channels_last: bool, dist: Dist,
+                    log: Callable[[str], None] | None = None, steps: int = 0, micro_batch: int = 0) -> dict[str, float]:
+    """Train over an iterable of batches; returns mean loss parts and images/s. ``lr`` is a fixed rate or a
+    function of the step. ``micro_batch`` (0: none) splits each batch into passes whose gradients accumulate.
 
-    ``loss_fn(outputs, batch)`` returns a dict of named loss tensors with the total under ``loss``.
+    ``loss_fn(outputs, batch)`` returns a dict of named loss tensors with the total under ``loss``. A loss that
+    is not finite raises TrainingDiverged (checked every CHECK_EVERY steps and at the end).
     """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     model.train()
     sums: dict[str, torch.Tensor] = {}
     seen, start, count = 0, time.perf_counter(), 0
     for count, batch in enumerate(batches, 1):
-        images = to_device(batch.images, device, channels_last)
-        with autocast(device, bf16):
-            outputs = model(images)
-        parts = loss_fn(outputs, batch)
-        optimizer.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        optimizer.step()
+        rate_now = lr(count - 1) if callable(lr) else lr
+        for group in optimizer.param_groups:
+            group["lr"] = rate_now
+        parts = accumulate_step(model, loss_fn, batch, optimizer, device, bf16, channels_last, micro_batch)
+        n = len(batch.labels)
         for name, value in parts.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().float() * len(images)
-        seen += len(images)
+            sums[name] = sums.get(name, 0.0) + value * n
+        seen += n
+        if count % CHECK_EVERY == 0:
+            _check_finite(sums["loss"], count, rate_now)
         if log and steps and count % 50 == 0:
             rate = seen / (time.perf_counter() - start)
             log(f"  step {count}/{steps}  loss {parts['loss'].item():.4f}  {rate * dist.world:.0f} img/s  "
-                f"epoch ETA {_hms((steps - count) * len(images) / max(rate, 1e-9))}")
+                f"epoch ETA {_hms((steps - count) * n / max(rate, 1e-9))}")
     elapsed = time.perf_counter() - start
+    if sums:
+        _check_finite(sums["loss"], count, rate_now)
     names = sorted(sums)
     means = all_reduce_mean(torch.stack([sums[n] / max(seen, 1) for n in names]), dist) if names else []
     stats = {n: float(v) for n, v in zip(names, means)}
@@ -109,6 +118,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _check_finite(loss_sum: torch.Tensor, step: int, lr: float) -> None:
+    if not torch.isfinite(loss_sum):
+        raise TrainingDiverged(f"the loss is not finite by step {step} (lr {lr:.4g})")
+
+
+def diverged_message(stage: str, train: Training, base: Training, detail: str) -> str:
+    """Why a run diverged and what to do, naming the stage's own Make variables; ``base``: its defaults."""
+    warm = f"a {train.warmup_epochs}-epoch {train.warmup} warm-up" if train.warmup_epochs else "no warm-up"
+    return (f"the {stage} diverged: {detail}. It trained at {lr_reason(train, base)}, batch {train.batch_size}, "
+            f"with {warm}. The learning rate is likely too high for this batch, or it lacks a warm-up: lower it "
+            f"({make_variable(stage, 'lr')}), give the batch without an lr so the lr scales with it, or add a "
+            f"gradual warm-up ({MAKE_VARIABLES[stage]['*']}=\"warmup_epochs=5 warmup=step\"). "
+            f"Its folder holds no result; other settings train in a folder of their own.")
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
@@ -121,8 +145,10 @@ def _hms(seconds: float) -> str:
 
 
 def fit(model, loss_fn: Callable, loader, train: Training, optimizer, dist: Dist, checkpoint: Path,
-        evaluate_fn: Callable[[int], dict] | None = None, log: Callable[[str], None] = print) -> list[dict]:
+        evaluate_fn: Callable[[int], dict] | None = None, log: Callable[[str], None] = print,
+        micro_batch: int = 0) -> list[dict]:
     """Run the epochs that remain, saving a checkpoint after each; resume from ``checkpoint`` if present.
+    ``micro_batch`` (0: none) is the images per pass on this rank; gradients accumulate over its batch.
 
     Data order and augmentation are pure functions of (seed, epoch), and the checkpoint carries the model,
     optimizer and RNG state, so a resumed run ends with the same weights as an uninterrupted one.
@@ -138,10 +164,15 @@ def fit(model, loss_fn: Callable, loader, train: Training, optimizer, dist: Dist
         if first < train.epochs:
             log(f"resuming from {checkpoint} after epoch {first}")
     run_start = time.perf_counter()
+    steps = len(loader)
     for epoch in range(first, train.epochs):
-        lr = lr_at(train, epoch)
-        stats = train_one_epoch(model, loss_fn, loader.batches(epoch), optimizer, lr, dist.device,
-                                train.bf16, train.channels_last, dist, log if dist.main else None, len(loader))
+        lr = (lambda step, e=epoch: lr_at(train, e, step, steps)) if train.warmup == "step" else lr_at(train, epoch)
+        try:
+            stats = train_one_epoch(model, loss_fn, loader.batches(epoch), optimizer, lr, dist.device, train.bf16,
+                                    train.channels_last, dist, log if dist.main else None, steps, micro_batch)
+        except TrainingDiverged as error:
+            raise TrainingDiverged(f"{error} of epoch {epoch + 1}") from None
+        lr = lr_at(train, epoch, steps - 1, steps)  # the epoch's last (for "epoch" warm-up: its only) rate
         stats.update(epoch=epoch + 1, lr=lr)
         if evaluate_fn and train.eval_every and (epoch + 1) % train.eval_every == 0 and epoch + 1 < train.epochs:
             stats.update(evaluate_fn(epoch + 1))

@@ -31,5 +31,10 @@ def format_table(rows: dict[str, dict]) -> str:
     head = f"{'model':<24}{'top-1':>8}" + "".join(f"{g.capitalize():>8}" for g in GROUPS)
     lines = [head, "-" * len(head)]
     for name, rep in rows.items():
-        lines.append(f"{name:<24}{rep['top1']:>8.2f}" + "".join(f"{rep[g]:>8.2f}" for g in GROUPS))
+        lines.append(f"{name:<24}{_cell(rep['top1'])}" + "".join(_cell(rep[g]) for g in GROUPS))
     return "\n".join(lines)
+
+
+def _cell(value: float) -> str:
+    """A percentage, or – for a group with no class (all of a rehearsal's classes are Few)."""
+    return f"{'–':>8}" if value is None or np.isnan(value) else f"{value:>8.2f}"

@@ -23,3 +23,22 @@ def trainable_model(settings: Training, source: Source, dist: Dist) -> torch.nn.
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return torch.nn.parallel.DistributedDataParallel(model) if dist.active else model
+
+
+def micro_batch_for(stage: str, settings: Training, model, loss_fn, source: Source, crop: int, dist: Dist,
+                    distill: bool, log) -> int:
+    """This rank's images per pass: measured (``micro_batch=auto``) or checked (a given micro_batch) with
+    probe steps of the run's own model, loss and image shape. See ``pipeline.train.memory``."""
+    from pipeline.data.loaders import Batch
+    from pipeline.settings import MAKE_VARIABLES
+
+    from .loop import unwrap
+    from .memory import plan_micro_batch, synthetic_batch_maker
+
+    local = settings.batch_size // dist.world
+    per_rank = f" ({local} per rank)" if dist.world > 1 else ""
+    what = f"batch {settings.batch_size}{per_rank} of {settings.model} at {crop} px"
+    hint = f'{MAKE_VARIABLES[stage]["*"]}="micro_batch=M" with make, --set micro_batch=M with dive {stage}'
+    make = synthetic_batch_maker(Batch, source.in_channels, crop, source.num_classes, teacher_logits=distill)
+    return plan_micro_batch(unwrap(model), loss_fn, make, local, settings.micro_batch, dist.device, settings.bf16,
+                            settings.channels_last, what, hint, log if dist.main else (lambda *a, **k: None))
