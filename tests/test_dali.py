@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import views
+from pipeline.data import views
 from pipeline.data.dali import (DaliExecutor, ImageError, _view_pipeline, check_image, colour_maps, image_size,
                            image_sizes, resolve_device)
 

@@ -87,7 +87,7 @@ def test_an_accumulated_step_equals_the_full_batch_step_without_batchnorm(micro)
     (full, loss_full), (acc, loss_acc) = results
     for a, b in zip(full, acc):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(loss_full, loss_acc, rtol=1e-12, atol=1e-12)  # the batch's mean loss either way
+    torch.testing.assert_close(loss_full, loss_acc, rtol=1e-6, atol=0)  # the batch's mean loss (logged in float32)
 
 
 def test_batchnorm_running_statistics_update_once_per_micro_batch():
