@@ -74,13 +74,12 @@ def runtime_record(settings, dist, **used) -> dict:
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # the cache's default codec holds |z| <= 65504
 
 
-def check_logits(logits: np.ndarray, explain: Callable[[str], str]) -> None:
-    """Stop a run whose test logits are not finite or beyond float16 (a diverged teacher), before any of its
-    results are written; ``explain`` turns the finding into the message."""
-    finite = np.isfinite(logits)
-    if not finite.all():
-        raise TrainingDiverged(explain(f"{int((~finite).sum()):,} of its test logits are not finite"))
-    worst = float(np.abs(logits).max())
+def check_logits(result: dict, explain: Callable[[str], str]) -> None:
+    """Stop a run whose test logits (``evaluate``'s float32 summary) are not finite or beyond float16 (a
+    diverged teacher), before any of its results are written; ``explain`` turns the finding into the message."""
+    if not bool(result["finite"]):
+        raise TrainingDiverged(explain("some of its test logits are not finite"))
+    worst = float(result["max_abs"])
     if worst > FLOAT16_MAX:
         raise TrainingDiverged(explain(f"its test logits reach |z| = {worst:.3g}, beyond the {FLOAT16_MAX:g} that "
                                        f"the cache's float16 codec holds"))
@@ -108,16 +107,24 @@ def load_teacher(teacher_dir: Path, device: torch.device, channels_last: bool) -
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def in_sample_order(result) -> dict[str, np.ndarray]:
-    """Per-sample arrays (``evaluate``'s output, or a saved ``eval.npz``) sorted into test-sample order."""
+SAVED = ("logits", "labels", "index", "features")  # what eval.npz keeps of ``evaluate``'s output
+
+
+def in_sample_order(result, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Per-sample arrays (``evaluate``'s output, or a saved ``eval.npz``) sorted into test-sample order: all of
+    them, or ``keys``."""
     order = np.argsort(result["index"], kind="stable")
-    return {k: np.asarray(result[k])[order] for k in (result.files if hasattr(result, "files") else result)}
+    names = keys or [k for k in (result.files if hasattr(result, "files") else result)
+                     if np.ndim(result[k]) and len(result[k]) == len(order)]
+    return {k: np.asarray(result[k])[order] for k in names}
 
 
 def report_from_eval(result: dict[str, np.ndarray], class_counts: np.ndarray) -> dict:
-    """Accuracy report from ``evaluate``'s per-sample output."""
-    ordered = in_sample_order(result)
-    return accuracy_report(ordered["logits"], ordered["labels"], class_counts)
+    """Accuracy report from ``evaluate``'s per-sample output: its float32 predictions where it has them (the
+    float16 logits could tie), else the argmax of its logits."""
+    scores = "preds" if "preds" in result else "logits"
+    ordered = in_sample_order(result, (scores, "labels"))
+    return accuracy_report(ordered[scores], ordered["labels"], class_counts)
 
 
 def finish(settings: Training, source: Source, model, tests: ViewLoader, out: Path, history: list, config: dict,
@@ -130,9 +137,9 @@ def finish(settings: Training, source: Source, model, tests: ViewLoader, out: Pa
     iNaturalist's 24,426 x 8,142); the accuracies here come from the float32 logits."""
     result = evaluate(model, tests.batches(), device, settings.bf16, settings.channels_last)
     if explain is not None:
-        check_logits(result["logits"], explain)
+        check_logits(result, explain)
     report = report_from_eval(result, source.class_counts)
-    np.savez(out / "eval.npz", **{**result, "logits": result["logits"].astype(np.float16)})
+    np.savez(out / "eval.npz", **{k: result[k] for k in SAVED if k in result})
     save_checkpoint(out / "model.pt", {"model": model.state_dict(), "model_name": settings.model,
                                        "num_classes": source.num_classes, "in_channels": source.in_channels,
                                        "config": settings.to_dict()})

@@ -6,13 +6,15 @@ import numpy as np
 from pipeline.data.sources.base import GROUPS, class_groups
 
 
-def accuracy_report(logits: np.ndarray, labels: np.ndarray, train_counts: np.ndarray) -> dict:
-    """Top-1, per-class accuracy and group means (in percent) from per-sample logits.
+def accuracy_report(scores: np.ndarray, labels: np.ndarray, train_counts: np.ndarray) -> dict:
+    """Top-1, per-class accuracy and group means (in percent) from per-sample logits [N, C] or predicted
+    classes [N].
 
     Group accuracy is the mean of the group's per-class accuracies, as in OLTR and DiVE; on a balanced
     test split this equals the accuracy over the group's images.
     """
-    preds = np.asarray(logits).argmax(axis=1)
+    scores = np.asarray(scores)
+    preds = scores if scores.ndim == 1 else scores.argmax(axis=1)
     labels = np.asarray(labels)
     num_classes = len(train_counts)
     correct = np.bincount(labels, weights=(preds == labels), minlength=num_classes)
