@@ -71,3 +71,23 @@ def test_colour_factors_follow_their_definition():
 def test_unknown_view_kind_is_refused():
     with pytest.raises(ValueError, match="unknown view kind"):
         ViewSpec("mixup")
+
+
+@pytest.mark.parametrize("kind,jitter,channels", [("pad_crop", 0.0, 1), ("pad_crop", 0.0, 3), ("pad_crop", 0.4, 3),
+                                                  ("pad_crop", 0.4, 1), ("resized_crop", 0.4, 3),
+                                                  ("short_side_crop", 0.4, 3), ("identity", 0.0, 3)])
+def test_batched_replay_equals_the_one_image_reference(kind, jitter, channels):
+    """The batch executor (gathers and broadcast colour for size x size boxes, the reference per image
+    otherwise) against ``apply_view`` image by image: every element equal, and the same memory layout."""
+    from pipeline.data.views import apply_views_batch
+
+    rng = np.random.default_rng(1)
+    side = 32 if kind in ("pad_crop", "identity") else 48
+    images = torch.from_numpy(rng.integers(0, 256, (40, side, side, channels), dtype=np.uint8))
+    spec = ViewSpec(kind=kind, size=32, pad=4, jitter=jitter)
+    params = view_params(spec, 5, np.arange(40), 3, np.full(40, side), np.full(40, side))
+    if kind == "pad_crop":  # the cases the gather must get right: both flips, boxes reaching outside
+        assert 0 < (params[:, 4] >= 0.5).mean() < 1 and (params[:, :2] < 0).any() and (params[:, :2] > 0).any()
+    expected = torch.stack([apply_view(img, p, 32) for img, p in zip(images, params)])
+    got = apply_views_batch(images, params, 32)
+    assert torch.equal(got, expected) and got.stride() == expected.stride()

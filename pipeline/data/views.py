@@ -201,8 +201,51 @@ def colour(x: torch.Tensor, brightness: float, contrast: float, saturation: floa
 
 
 def apply_views_batch(images: torch.Tensor, params: np.ndarray, size: int) -> torch.Tensor:
-    """The reference executor over a batch of HWC uint8 images: float32 [B, C, size, size] in [0, 255]."""
-    return torch.stack([apply_view(img, p, size) for img, p in zip(images, params)])
+    """The views of a batch of HWC uint8 images, float32 [B, C, size, size] in [0, 255], equal element for
+    element to ``apply_view`` on each image. Crops of ``size`` x ``size`` (CIFAR's pad-crop) and their flips
+    are one gather from the zero-padded batch, and colour is broadcast arithmetic in the reference's order,
+    so no Python loop runs over the images; a batch with boxes to resize takes the reference per image."""
+    boxes = np.asarray(params, dtype=np.float32)
+    if len(boxes) == 0 or not np.all(boxes[:, 2:4] == size):
+        return torch.stack([apply_view(img, p, size) for img, p in zip(images, params)])
+    crops = gather_crops(images, boxes[:, 0].astype(np.int64), boxes[:, 1].astype(np.int64), size,
+                         boxes[:, 4] >= 0.5)
+    return colour_batch(crops, boxes[:, 5:8])
+
+
+def gather_crops(images: torch.Tensor, x0: np.ndarray, y0: np.ndarray, size: int, flip: np.ndarray) -> torch.Tensor:
+    """``size`` x ``size`` crops at (y0, x0) of HWC images, zero outside, flipped where ``flip``: float32 BCHW."""
+    b, height, width, _ = images.shape
+    left, top = max(0, -int(x0.min())), max(0, -int(y0.min()))
+    right, bottom = max(0, int(x0.max()) + size - width), max(0, int(y0.max()) + size - height)
+    padded = images.new_zeros((b, height + top + bottom, width + left + right, images.shape[3]))
+    padded[:, top:top + height, left:left + width] = images
+    steps = torch.arange(size)
+    rows = torch.from_numpy(y0 + top)[:, None] + steps
+    cols = torch.from_numpy(x0 + left)[:, None] + steps
+    cols = torch.where(torch.from_numpy(flip)[:, None], cols.flip(1), cols)
+    crops = padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    # into a fresh tensor: the strides the reference's stack gives, even for one channel, so that memory-format
+    # choices downstream (channels_last, conv algorithms) see the same input
+    out = torch.empty((b, images.shape[3], size, size), dtype=torch.float32)
+    out.copy_(crops.permute(0, 3, 1, 2))
+    return out
+
+
+def colour_batch(x: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
+    """``colour`` of each image with its (brightness, contrast, saturation), as broadcast arithmetic in the
+    same order, so every element equals the one-image result: images whose factors are all 1 are left as
+    they are, and saturation applies only where it is not 1 (and the images have three channels)."""
+    f = torch.from_numpy(np.ascontiguousarray(factors, dtype=np.float32)).view(-1, 3, 1, 1, 1)
+    brightness, contrast, saturation = f[:, 0], f[:, 1], f[:, 2]
+    plain = (f == 1.0).all(1)
+    if bool(plain.all()):
+        return x
+    y = 128.0 + contrast * (x * brightness - 128.0)
+    if x.shape[1] == 3:
+        luma = sum(c * y[:, i:i + 1, :, :] for i, c in enumerate(_LUMA))
+        y = torch.where(saturation != 1.0, luma + saturation * (y - luma), y)
+    return torch.where(plain, x, y.clamp(0.0, 255.0))
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
