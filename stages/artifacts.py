@@ -41,10 +41,10 @@ def prepare_run_dir(out: Path, identity: dict) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     saved, wanted = out / CONFIG, json.loads(json.dumps(identity))
     if saved.is_file():
-        old = json.loads(saved.read_text())
-        if with_new_keys(old) != with_new_keys(wanted):
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(old) | set(wanted))
-                             if old.get(k) != wanted.get(k))
+        old, new = with_new_keys(json.loads(saved.read_text())), with_new_keys(wanted)
+        if old != new:
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                             if old.get(k) != new.get(k))
             raise ArtifactError(f"{out} holds a run with other settings ({diff}). Choose another run folder "
                                 f"(--out) or delete {out} to start over.")
     else:

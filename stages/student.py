@@ -40,11 +40,10 @@ def cache_teacher(cache_dir: Path) -> TeacherSettings:
     return settings_of(read_manifest(cache_dir, "cache")["config"], "teacher")
 
 
-def teacher_dir_of(cache_dir: Path) -> Path:
-    """The folder of the teacher a cache was made from (caches made before per-stage settings kept it under
-    ``teacher``)."""
-    config = read_manifest(cache_dir, "cache")["config"]
-    return Path(config.get("teacher_dir") or config["teacher"])
+def teacher_dir_of(cache_config: dict) -> Path:
+    """The folder of the teacher a cache (its manifest's config) was made from; caches made before per-stage
+    settings kept it under ``teacher``."""
+    return Path(cache_config.get("teacher_dir") or cache_config["teacher"])
 
 
 def open_cache(cache_dir: Path, source) -> LogitStore:
@@ -92,6 +91,7 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
     cache_config = read_manifest(cache_dir, "cache")["config"]
     teacher = settings_of(cache_config, "teacher")
     source = load_source(teacher.dataset, data_root, teacher.imbalance)
+    recipe = defaults_for(teacher.dataset).student  # what the lr and the divergence messages compare against
     store = open_cache(cache_dir, source)
     ident = identity(student, cache_config, store)
     if prepare_run_dir(out, ident):
@@ -102,7 +102,7 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
         log(f"student: {student.model} from {cache_dir} ({store.n:,} images x {store.v} views), tau {student.tau}, "
             f"p {student.power}, alpha {student.alpha}, {student.epochs} epochs, batch {student.batch_size}, "
             f"mode {mode}, on {dist.device} x{dist.world}")
-        log(f"student: {lr_reason(student, defaults_for(teacher.dataset).student)}")
+        log(f"student: {lr_reason(student, recipe)}")
     model = trainable_model(student, source, dist)
     spec = teacher.view_spec()
     local_batch = student.batch_size // dist.world
@@ -111,7 +111,7 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
         loader = CachedTargets(store, source.train.ids, executor, student.batch_size, student.seed, dist.rank,
                                dist.world)
     else:
-        teacher_model = load_teacher(teacher_dir_of(cache_dir), dist.device, student.channels_last)
+        teacher_model = load_teacher(teacher_dir_of(cache_config), dist.device, student.channels_last)
         loader = OnlineTargets.like(store, source.train, teacher_model, spec, executor, student.batch_size,
                                     student.seed, dist.device, student.bf16, student.channels_last, dist.rank,
                                     dist.world)
@@ -123,8 +123,7 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
         history = fit(model, loss_fn, loader, student, make_optimizer(model, student), dist, out / "checkpoint.pt",
                       log=log, micro_batch=micro)
     except TrainingDiverged as error:
-        raise TrainingDiverged(diverged_message("student", student, defaults_for(teacher.dataset).student,
-                                                str(error))) from None
+        raise TrainingDiverged(diverged_message("student", student, recipe, str(error))) from None
     metrics = {}
     if dist.main:
         extra = {"store_wait_seconds": getattr(loader, "wait_seconds", 0.0)}
@@ -135,7 +134,7 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
         metrics = finish(student, source, unwrap(model), tests, out, history, config, dist.device, log,
                          stage="student", name=f"student ({'RIDE-' if student.is_ride else ''}DiVE, {mode})",
                          inputs={"cache": json.dumps(store.fingerprints, sort_keys=True)}, extra=extra)
-        teacher_metrics = teacher_dir_of(cache_dir) / "metrics.json"
+        teacher_metrics = teacher_dir_of(cache_config) / "metrics.json"
         if teacher_metrics.is_file():
             log(format_table({"teacher": json.loads(teacher_metrics.read_text()), f"student ({mode})": metrics}))
     barrier(dist)

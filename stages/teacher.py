@@ -29,6 +29,7 @@ def run(settings: TeacherSettings, out: Path, data_root: Path | None = None, dev
     """Train the teacher into ``out`` (resuming if a checkpoint is there) and return its test metrics."""
     dist = init_from_env(device)
     source = load_source(settings.dataset, data_root, settings.imbalance)
+    recipe = defaults_for(settings.dataset).teacher  # what the lr and the divergence messages compare against
     if prepare_run_dir(out, identity(settings)):
         log(f"{out} is complete; nothing to do")
         return read_manifest(out, "teacher")["metrics"]
@@ -39,7 +40,7 @@ def run(settings: TeacherSettings, out: Path, data_root: Path | None = None, dev
             f"{source.num_classes} classes, counts {counts.max()}..{counts.min()}), {settings.model}, {experts}"
             f"loss {settings.loss}, {settings.epochs} epochs, batch {settings.batch_size}, on {dist.device} "
             f"x{dist.world}")
-        log(f"teacher: {lr_reason(settings, defaults_for(settings.dataset).teacher)}")
+        log(f"teacher: {lr_reason(settings, recipe)}")
     model = trainable_model(settings, source, dist)
     spec = settings.view_spec()
     local_batch = settings.batch_size // dist.world
@@ -61,7 +62,7 @@ def run(settings: TeacherSettings, out: Path, data_root: Path | None = None, dev
         return {k: rep[k] for k in ("top1", "many", "medium", "few")}
 
     def explain(detail: str) -> str:
-        return diverged_message("teacher", settings, defaults_for(settings.dataset).teacher, detail)
+        return diverged_message("teacher", settings, recipe, detail)
 
     micro = micro_batch_for("teacher", settings, model, loss_fn, source, spec.size, dist, False, log)
     try:

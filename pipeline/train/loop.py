@@ -175,9 +175,9 @@ def fit(model, loss_fn: Callable, loader, train: Training, optimizer, dist: Dist
     run_start = time.perf_counter()
     steps = len(loader)
     for epoch in range(first, train.epochs):
-        lr = (lambda step, e=epoch: lr_at(train, e, step, steps)) if train.warmup == "step" else lr_at(train, epoch)
+        rate = lambda step, e=epoch: lr_at(train, e, step, steps)  # noqa: E731 (per-epoch warm-up ignores step)
         try:
-            stats = train_one_epoch(model, loss_fn, loader.batches(epoch), optimizer, lr, dist.device, train.bf16,
+            stats = train_one_epoch(model, loss_fn, loader.batches(epoch), optimizer, rate, dist.device, train.bf16,
                                     train.channels_last, dist, log if dist.main else None, steps, micro_batch)
         except TrainingDiverged as error:
             raise TrainingDiverged(f"{error} of epoch {epoch + 1}") from None

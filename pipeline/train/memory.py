@@ -154,23 +154,23 @@ def plan_micro_batch(model, loss_fn: Callable, make_batch: Callable, local_batch
     else:
         chosen = fits[0]
     passes = -(-local_batch // chosen)
-    log(f"memory: {what} needs about {size(need(local_batch))} for a step ({per_image / 2**20:.1f} MiB "
-        f"per image, measured), {size(free)} free: micro batch {chosen}"
+    log(f"memory: {what} needs about {readable_bytes(need(local_batch))} for a step ({per_image / 2**20:.1f} MiB "
+        f"per image, measured), {readable_bytes(free)} free: micro batch {chosen}"
         + (f", {passes} passes accumulate per step" if passes > 1 else " (the whole batch in one pass)"))
     return chosen
 
 
-def size(n: float) -> str:
+def readable_bytes(n: float) -> str:
     """Bytes as GiB, or MiB below one GiB."""
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 
 
 def _message(what: str, local_batch: int, need, free: int, fits: list[int], hint: str, asked: int | None) -> str:
-    head = (f"{what} needs about {size(need(asked or local_batch))}"
-            + (f" at micro_batch={asked}" if asked else "") + f", and {size(free)} are free")
+    head = (f"{what} needs about {readable_bytes(need(asked or local_batch))}"
+            + (f" at micro_batch={asked}" if asked else "") + f", and {readable_bytes(free)} are free")
     if fits:
         return f"{head}; use micro_batch={fits[0]} or micro_batch=auto ({hint})"
-    return (f"{head}; even one image per pass needs {size(need(1))}. Use a smaller model or crop size, "
+    return (f"{head}; even one image per pass needs {readable_bytes(need(1))}. Use a smaller model or crop size, "
             f"or a machine with more memory")
 
 

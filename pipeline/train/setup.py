@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.data.loaders import Batch
 from pipeline.data.sources import Source
 from pipeline.models import build_model
-from pipeline.settings import Training
+from pipeline.settings import MAKE_VARIABLES, Training
 
 from .distributed import Dist
+from .loop import unwrap
+from .memory import plan_micro_batch, synthetic_batch_maker
 
 
 def build_for(settings: Training, source: Source) -> torch.nn.Module:
@@ -29,12 +32,6 @@ def micro_batch_for(stage: str, settings: Training, model, loss_fn, source: Sour
                     distill: bool, log) -> int:
     """This rank's images per pass: measured (``micro_batch=auto``) or checked (a given micro_batch) with
     probe steps of the run's own model, loss and image shape. See ``pipeline.train.memory``."""
-    from pipeline.data.loaders import Batch
-    from pipeline.settings import MAKE_VARIABLES
-
-    from .loop import unwrap
-    from .memory import plan_micro_batch, synthetic_batch_maker
-
     local = settings.batch_size // dist.world
     per_rank = f" ({local} per rank)" if dist.world > 1 else ""
     what = f"batch {settings.batch_size}{per_rank} of {settings.model} at {crop} px"
