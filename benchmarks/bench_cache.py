@@ -27,19 +27,18 @@ from pipeline.data.targets import row_order  # noqa: E402
 from pipeline.train.distributed import Dist  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.data.sources import load_source  # noqa: E402
-from stages.cache import directory_bytes, dump, shard_views, teacher_logits  # noqa: E402
+from stages.cache import directory_bytes, dump, shard_batches, teacher_logits  # noqa: E402
 from store import codecs  # noqa: E402
 from store.schema import Layout  # noqa: E402
-from store.writer import StoreWriter  # noqa: E402
+from store.writer import Shard, StoreWriter  # noqa: E402
 
 
 def forward_only(spec, cache, model, executor, writer_layout, rows, device) -> float:
     """Seconds to run the teacher over every shard's views, without storing anything."""
     start = time.perf_counter()
-    for k in range(writer_layout.n_shards):
-        lo, hi = writer_layout.shard_range(k)
-        index, params = shard_views(spec, cache, executor, rows[lo:hi])
-        teacher_logits(model, executor, index, params, cache, device)
+    shards = [Shard(k, *writer_layout.shard_range(k)) for k in range(writer_layout.n_shards)]
+    for part in shard_batches(spec, cache, executor, rows, shards):
+        teacher_logits(model, part.images, cache, device)
     return time.perf_counter() - start
 
 

@@ -22,7 +22,8 @@ CODECS = ("float16", "int8")
 SCHEDULES = ("step", "cosine")
 MODES = ("cached", "online")
 AUG_KINDS = ("pad_crop", "resized_crop", "short_side_crop", "identity")  # pipeline.data.views.KINDS
-RUNTIME_KEYS = ("workers", "bf16", "channels_last", "eval_every", "micro_batch")
+RUNTIME_KEYS = ("workers", "prefetch", "bf16", "channels_last", "eval_every", "micro_batch")
+PREFETCH = 2  # batches a background thread makes ahead of the step (pipeline.data.loaders.PREFETCH)
 WARMUPS = ("epoch", "step")
 TEACHER_EXPERTS = 6  # a RIDE teacher's experts unless experts= says otherwise
 STUDENT_EXPERTS = 4  # a RIDE-DiVE student's
@@ -88,6 +89,7 @@ class Training(_Keys):
     # measured by a probe step before training.
     micro_batch: int = 0
     workers: int = 2  # DALI decode threads for image-file datasets
+    prefetch: int = PREFETCH  # batches made ahead by a background thread while the step runs (0: none)
     bf16: bool = True  # bfloat16 autocast
     channels_last: bool = True
 
@@ -97,7 +99,7 @@ class Training(_Keys):
         _one_of("schedule", self.schedule, SCHEDULES)
         _one_of("warmup", self.warmup, WARMUPS)
         _at_least(self, 1, "epochs", "batch_size")
-        _at_least(self, 0, "experts", "warmup_epochs", "seed", "eval_every", "workers", "micro_batch")
+        _at_least(self, 0, "experts", "warmup_epochs", "seed", "eval_every", "workers", "prefetch", "micro_batch")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
 
@@ -144,15 +146,16 @@ class CacheSettings(_Keys):
     # runtime
     batch_size: int  # images per teacher forward pass while dumping; never reaches a student
     workers: int = 2
+    prefetch: int = PREFETCH  # view batches made ahead of the teacher (0: none)
     bf16: bool = True
     channels_last: bool = True
 
-    runtime_keys: ClassVar[tuple[str, ...]] = ("batch_size", "workers", "bf16", "channels_last")
+    runtime_keys: ClassVar[tuple[str, ...]] = ("batch_size", "workers", "prefetch", "bf16", "channels_last")
 
     def __post_init__(self) -> None:
         _one_of("codec", self.codec, CODECS)
         _at_least(self, 1, "views", "batch_size")
-        _at_least(self, 0, "view_seed", "workers")
+        _at_least(self, 0, "view_seed", "workers", "prefetch")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,11 +12,12 @@ import dataclasses
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from pipeline.data.loaders import make_executor
+from pipeline.data.loaders import make_executor, one_cpu_thread
 from pipeline.data.sources import Source, load_source
 from pipeline.data.targets import row_order
 from pipeline.data.views import P, ViewSpec, view_params
@@ -25,8 +26,9 @@ from pipeline.settings import CacheSettings, TeacherSettings
 from pipeline.train.distributed import Dist, barrier, init_from_env
 from store import codecs
 from store.manifest import ArtifactError, check_fingerprint, read_manifest, sha256_file, write_manifest
+from store.prefetch import prefetched
 from store.reader import LogitStore
-from store.writer import StoreWriter
+from store.writer import Shard, StoreWriter
 
 from .artifacts import EXPERT_STORE, STORE, load_teacher, prepare_run_dir, runtime_record, teacher_of
 
@@ -51,21 +53,17 @@ def check_room(out: Path, need: int, log) -> None:
 
 
 @torch.no_grad()
-def teacher_logits(model, executor, index: np.ndarray, params: np.ndarray, cache: CacheSettings,
-                   device: torch.device, experts: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Raw teacher logits (float32) of samples ``index`` seen through views ``params``, in batches; with
-    ``experts``, also a RIDE teacher's per-expert logits [N, E * C] (expert-major)."""
-    out, per_expert = [], []
-    for start in range(0, len(index), cache.batch_size):
-        sl = slice(start, start + cache.batch_size)
-        images = to_device(executor.run(index[sl], params[sl]), device, cache.channels_last)
-        with autocast(device, cache.bf16):
-            result = model(images)
-        out.append(result["logits"].float().cpu().numpy())
-        if experts:
-            e = result["expert_logits"].float().permute(1, 0, 2)  # [B, E, C]
-            per_expert.append(e.reshape(e.shape[0], -1).cpu().numpy())
-    return np.concatenate(out), (np.concatenate(per_expert) if experts else None)
+def teacher_logits(model, images: torch.Tensor, cache: CacheSettings, device: torch.device,
+                   experts: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw teacher logits (float32) of one batch of views; with ``experts``, also a RIDE teacher's
+    per-expert logits [B, E * C] (expert-major)."""
+    with autocast(device, cache.bf16):
+        result = model(to_device(images, device, cache.channels_last))
+    logits = result["logits"].float().cpu().numpy()
+    if not experts:
+        return logits, None
+    e = result["expert_logits"].float().permute(1, 0, 2)  # [B, E, C]
+    return logits, e.reshape(e.shape[0], -1).cpu().numpy()
 
 
 def shard_views(spec: ViewSpec, cache: CacheSettings, executor, positions: np.ndarray) -> tuple[np.ndarray,
@@ -78,10 +76,35 @@ def shard_views(spec: ViewSpec, cache: CacheSettings, executor, positions: np.nd
     return index, params
 
 
+@dataclasses.dataclass
+class ShardBatch:
+    """One batch of a shard's views, made ahead of the teacher: ``params`` are the whole shard's, and
+    ``last`` marks the batch that completes it."""
+    shard: Shard
+    params: np.ndarray
+    images: torch.Tensor
+    last: bool
+
+
+def shard_batches(spec: ViewSpec, cache: CacheSettings, executor, rows: np.ndarray,
+                  shards: list[Shard]) -> Iterator[ShardBatch]:
+    """The view batches of ``shards`` in order (store row r holds sample ``rows[r]``)."""
+    for shard in shards:
+        index, params = shard_views(spec, cache, executor, rows[shard.start:shard.stop])
+        for start in range(0, len(index), cache.batch_size):
+            sl = slice(start, start + cache.batch_size)
+            yield ShardBatch(shard, params, executor.run(index[sl], params[sl]), sl.stop >= len(index))
+
+
 def dump(spec: ViewSpec, cache: CacheSettings, model, executor, writer: StoreWriter, rows: np.ndarray, dist: Dist, log,
          expert_writer: StoreWriter | None = None) -> int:
     """Compute and queue every shard this rank still owns (store row r holds sample ``rows[r]``), into the
-    logit store and, if given, the per-expert store (each gets the shards it lacks); returns the images run."""
+    logit store and, if given, the per-expert store (each gets the shards it lacks); returns the images run.
+
+    Three stages overlap: a prefetching thread reads, decodes and replays the next batches of views, this
+    thread runs the teacher, and the store's writer encodes and writes finished shards in its own thread.
+    A bad image stops the dump with its name, after the shards before it were written.
+    """
     main_todo = {s.index: s for s in writer.missing_shards(dist.rank, dist.world)}
     expert_todo = {s.index: s for s in expert_writer.missing_shards(dist.rank, dist.world)} if expert_writer else {}
     shards = {**expert_todo, **main_todo}
@@ -90,18 +113,26 @@ def dump(spec: ViewSpec, cache: CacheSettings, model, executor, writer: StoreWri
     done, start_time = 0, time.perf_counter()
     if dist.main and len(todo) < writer.layout.n_shards // dist.world:
         log(f"cache: resuming, {len(todo)} shards left for this rank")
-    with writer, (expert_writer or contextlib.nullcontext()):  # on any error, queued shards are still written
-        for shard in todo:
-            index, params = shard_views(spec, cache, executor, rows[shard.start:shard.stop])
-            logits, per_expert = teacher_logits(model, executor, index, params, cache, dist.device,
-                                                experts=shard.index in expert_todo)
+    batches = prefetched(lambda: shard_batches(spec, cache, executor, rows, todo), cache.prefetch, "dump",
+                         on_start=one_cpu_thread)
+    logits, per_expert = [], []
+    with writer, (expert_writer or contextlib.nullcontext()), contextlib.closing(batches):
+        # on any error, the shards already queued are still written
+        for part in batches:
+            shard = part.shard
+            z, e = teacher_logits(model, part.images, cache, dist.device, experts=shard.index in expert_todo)
+            logits.append(z)
+            per_expert.append(e)
+            done += len(z)
+            if not part.last:
+                continue
             n = shard.stop - shard.start
-            views = params.reshape(n, cache.views, P)
+            views = part.params.reshape(n, cache.views, P)
             if shard.index in main_todo:
-                writer.write_shard(shard.index, logits.reshape(n, cache.views, -1), views)
+                writer.write_shard(shard.index, np.concatenate(logits).reshape(n, cache.views, -1), views)
             if shard.index in expert_todo:
-                expert_writer.write_shard(shard.index, per_expert.reshape(n, cache.views, -1), views)
-            done += len(index)
+                expert_writer.write_shard(shard.index, np.concatenate(per_expert).reshape(n, cache.views, -1), views)
+            logits, per_expert = [], []
             rate = done / (time.perf_counter() - start_time)
             if dist.main:
                 log(f"cache: shard {shard.index + 1}/{writer.layout.n_shards}  {done:,}/{total:,} views  "

@@ -65,7 +65,8 @@ def routed(student: StudentSettings, spec: ViewSpec, source, model, tests, out: 
     router = Router(model.feature_dim, model.num_experts, source.num_classes,
                     logit_scale=float(model.heads[0].scale)).to(device)
     executor = make_executor(source.train, spec, source.mean, source.std, student.batch_size, student.workers, device)
-    loader = ViewLoader(source.train, spec, executor, student.batch_size, student.seed + 1, train=True)
+    loader = ViewLoader(source.train, spec, executor, student.batch_size, student.seed + 1, train=True,
+                        prefetch=student.prefetch)
     log(f"router: {model.num_experts - 1} heads, {student.router_epochs} epochs with the experts frozen")
     history = train_router(model, router, loader, student.router_epochs, device, student.bf16,
                            student.channels_last, log=log)
@@ -109,15 +110,15 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
     executor = make_executor(source.train, spec, source.mean, source.std, local_batch, student.workers, dist.device)
     if mode == "cached":
         loader = CachedTargets(store, source.train.ids, executor, student.batch_size, student.seed, dist.rank,
-                               dist.world)
+                               dist.world, student.prefetch)
     else:
         teacher_model = load_teacher(teacher_dir_of(cache_config), dist.device, student.channels_last)
         loader = OnlineTargets.like(store, source.train, teacher_model, spec, executor, student.batch_size,
                                     student.seed, dist.device, student.bf16, student.channels_last, dist.rank,
-                                    dist.world)
+                                    dist.world, student.prefetch)
     loss = DiVELoss(torch.as_tensor(source.class_counts), student.tau, student.power, student.alpha).to(dist.device)
     loss_fn = lambda outputs, b: loss(outputs, b.labels.to(dist.device), b.teacher_logits.to(dist.device))  # noqa: E731
-    tests = test_loader(source, spec, student.workers, dist.device) if dist.main else None
+    tests = test_loader(source, spec, student.workers, dist.device, prefetch=student.prefetch) if dist.main else None
     micro = micro_batch_for("student", student, model, loss_fn, source, spec.size, dist, True, log)
     try:
         history = fit(model, loss_fn, loader, student, make_optimizer(model, student), dist, out / "checkpoint.pt",
@@ -126,7 +127,7 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
         raise TrainingDiverged(diverged_message("student", student, recipe, str(error))) from None
     metrics = {}
     if dist.main:
-        extra = {"store_wait_seconds": getattr(loader, "wait_seconds", 0.0)}
+        extra = {"data_wait_seconds": getattr(loader, "wait_seconds", 0.0)}
         if student.is_ride and student.experts > 1 and student.router_epochs:
             extra["router"] = routed(student, spec, source, unwrap(model), tests, out, dist.device, log)
         config = {**ident, "runtime": runtime_record(student, dist, micro_batch_used=micro),

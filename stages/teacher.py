@@ -46,13 +46,13 @@ def run(settings: TeacherSettings, out: Path, data_root: Path | None = None, dev
     local_batch = settings.batch_size // dist.world
     executor = make_executor(source.train, spec, source.mean, source.std, local_batch, settings.workers, dist.device)
     loader = ViewLoader(source.train, spec, executor, settings.batch_size, settings.seed, train=True,
-                        rank=dist.rank, world=dist.world)
+                        rank=dist.rank, world=dist.world, prefetch=settings.prefetch)
     loss = build_teacher_loss(settings.loss, torch.as_tensor(source.class_counts), settings.is_ride,
                               settings.diversity)
     if hasattr(loss, "to"):
         loss = loss.to(dist.device)
     loss_fn = lambda outputs, batch: loss(outputs, batch.labels.to(dist.device))  # noqa: E731
-    tests = test_loader(source, spec, settings.workers, dist.device) if dist.main else None
+    tests = test_loader(source, spec, settings.workers, dist.device, prefetch=settings.prefetch) if dist.main else None
 
     def eval_now(epoch: int) -> dict:
         if not dist.main:

@@ -10,8 +10,6 @@ Typical use in the student stage:
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +20,7 @@ import zarr
 from store import codecs
 from store.manifest import ArtifactError, check_fingerprint
 from store.order import chunk_plan, chunked_order, view_for_epoch
+from store.prefetch import prefetched
 from store.schema import Layout, check_format, data_arrays, is_complete, open_attrs
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -121,7 +120,7 @@ class LogitStore:
                     for c in step.evict.tolist():
                         del held[c]
 
-        return _prefetched(produce, prefetch)
+        return prefetched(produce, prefetch, name="store")
 
     def _read_raw(self, start: int, stop: int, view: int) -> dict[str, np.ndarray]:
         return {name: array[start:stop, view] for name, array in self._arrays.items()}
@@ -143,47 +142,3 @@ class LogitStore:
             for name, part in held[c].items():
                 out[name][mine] = part[rows[mine]]
         return out
-
-
-class _Failure:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-_END = object()
-
-
-def _prefetched(produce, depth: int) -> Iterator:
-    """Run the generator ``produce()`` in a background thread, ``depth`` items ahead of the consumer.
-    Errors surface in the consumer; leaving the loop early stops the thread."""
-    ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in produce():
-                if not put(item):
-                    return
-            put(_END)
-        except BaseException as error:
-            put(_Failure(error))
-
-    thread = threading.Thread(target=run, name="store-prefetch", daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not _END:
-            if isinstance(item, _Failure):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        thread.join()

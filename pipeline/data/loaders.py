@@ -9,10 +9,19 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.settings import PREFETCH
 from store.order import random_order
+from store.prefetch import prefetched
 
 from .sources.base import Split
 from .views import ViewSpec, apply_views_batch, eval_params, normalize, view_params
+
+
+def one_cpu_thread() -> None:
+    """Run this (prefetching) thread's CPU tensor operations on one core. torch's OpenMP threads are per
+    calling thread, so this leaves the step's threads alone; a second team of its size would compete with
+    the step for the cores (and spin between batches) for work that is a small part of it."""
+    torch.set_num_threads(1)
 
 
 @dataclass
@@ -25,10 +34,15 @@ class Batch:
 
 
 class TorchExecutor:
-    """Applies views to in-memory uint8 HWC images with the reference executor."""
+    """Applies views to in-memory uint8 HWC images as batched tensor operations (``apply_views_batch``), on
+    ``device``: on a GPU the dataset is held there (CIFAR's 50,000 images are 150 MiB) and each batch is
+    gathered, flipped and coloured there, so no Python loop over images and no host copy feeds the step."""
 
-    def __init__(self, images: np.ndarray, size: int, mean, std) -> None:
+    def __init__(self, images: np.ndarray, size: int, mean, std, device: torch.device = torch.device("cpu")) -> None:
+        self.device = torch.device(device)
         self.images = torch.from_numpy(images)
+        if self.device.type == "cuda":
+            self.images = self.images.to(self.device)
         self.size, self.mean, self.std = size, mean, std
 
     def sizes(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,7 +51,8 @@ class TorchExecutor:
         return np.full(len(index), h, dtype=np.int64), np.full(len(index), w, dtype=np.int64)
 
     def run(self, index: np.ndarray, params: np.ndarray) -> torch.Tensor:
-        return normalize(apply_views_batch(self.images[index], params, self.size), self.mean, self.std)
+        picked = self.images[torch.from_numpy(np.asarray(index, dtype=np.int64)).to(self.device)]
+        return normalize(apply_views_batch(picked, params, self.size), self.mean, self.std)
 
 
 class FileExecutor:
@@ -70,7 +85,7 @@ def make_executor(split: Split, spec: ViewSpec, mean, std, batch_size: int, work
                   device: torch.device = torch.device("cpu")):
     """The executor for a split: torch reference in memory, DALI for files."""
     if split.in_memory:
-        return TorchExecutor(split.images, spec.size, mean, std)
+        return TorchExecutor(split.images, spec.size, mean, std, device)
     return FileExecutor(split.files, spec.size, mean, std, batch_size, workers, device)
 
 
@@ -80,13 +95,15 @@ class ViewLoader:
     Training: order = ``store.order.random_order``; each sample's view parameters come from
     ``view_params(spec, seed, index, view)``, where ``view`` is the epoch (teacher) or any per-sample view
     index the caller gives (student replaying cached views). Evaluation: file order, the evaluation view.
+    Both are pure functions of (seed, epoch), so a background thread makes the next ``prefetch`` batches
+    while the caller uses this one (0: each batch is made when asked for).
     """
 
     def __init__(self, split: Split, spec: ViewSpec, executor, batch_size: int, seed: int,
-                 train: bool, rank: int = 0, world: int = 1) -> None:
+                 train: bool, rank: int = 0, world: int = 1, prefetch: int = PREFETCH) -> None:
         if train and batch_size % world:
             raise ValueError(f"batch size {batch_size} does not divide among {world} processes")
-        self.split, self.spec, self.executor = split, spec, executor
+        self.split, self.spec, self.executor, self.prefetch = split, spec, executor, prefetch
         self.batch_size = batch_size // world if train else batch_size
         self.seed, self.train, self.rank, self.world = seed, train, rank, world
         self.labels = torch.from_numpy(split.labels)
@@ -108,6 +125,9 @@ class ViewLoader:
 
     def batches(self, epoch: int = 0, views: np.ndarray | None = None) -> Iterator[Batch]:
         """One epoch of batches. ``views`` [N] picks each sample's view index (default: the epoch)."""
+        return prefetched(lambda: self._batches(epoch, views), self.prefetch, "views", on_start=one_cpu_thread)
+
+    def _batches(self, epoch: int, views: np.ndarray | None) -> Iterator[Batch]:
         order = self.local_order(epoch)
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
@@ -116,7 +136,8 @@ class ViewLoader:
             yield Batch(self.executor.run(index, params), self.labels[index], index, params)
 
 
-def test_loader(source, spec: ViewSpec, workers: int, device: torch.device, batch_size: int = 500) -> ViewLoader:
+def test_loader(source, spec: ViewSpec, workers: int, device: torch.device, batch_size: int = 500,
+                prefetch: int = PREFETCH) -> ViewLoader:
     """The test split in file order, each image through the evaluation view."""
     executor = make_executor(source.test, spec, source.mean, source.std, batch_size, workers, device)
-    return ViewLoader(source.test, spec, executor, batch_size, seed=0, train=False)
+    return ViewLoader(source.test, spec, executor, batch_size, seed=0, train=False, prefetch=prefetch)

@@ -17,11 +17,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.device import autocast, to_device
 from store.order import chunked_order, view_for_epoch
+from store.prefetch import prefetched
 from store.reader import LogitStore
 
-from .loaders import Batch
-from pipeline.device import autocast, to_device
+from .loaders import PREFETCH, Batch, one_cpu_thread
 from .views import ViewSpec, view_params
 
 
@@ -41,31 +42,46 @@ def positions_of(row_ids: np.ndarray, split_ids: np.ndarray) -> np.ndarray:
     return positions.astype(np.int64)
 
 
+def timed(items: Iterator[Batch], owner) -> Iterator[Batch]:
+    """``items``, adding the time the consumer waits for each to ``owner.wait_seconds``."""
+    try:
+        while True:
+            start = time.perf_counter()
+            item = next(items, None)
+            owner.wait_seconds += time.perf_counter() - start
+            if item is None:
+                return
+            yield item
+    finally:
+        items.close()  # leaving early stops the prefetching thread at once
+
+
 class CachedTargets:
-    """Batches of one epoch from the store: every sample once, through view ``view_for_epoch(epoch)``."""
+    """Batches of one epoch from the store: every sample once, through view ``view_for_epoch(epoch)``.
+
+    The store streams logits a few batches ahead on its own threads; on top of that a prefetching thread
+    replays the next ``prefetch`` batches' views while the caller trains on this one.
+    """
 
     def __init__(self, store: LogitStore, split_ids: np.ndarray, executor, batch_size: int, seed: int,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, prefetch: int = PREFETCH) -> None:
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} does not divide among {world} processes")
-        self.store, self.executor = store, executor
+        self.store, self.executor, self.prefetch = store, executor, prefetch
         self.positions = positions_of(store.ids, split_ids)
         self.batch_size, self.seed, self.rank, self.world = batch_size // world, seed, rank, world
         self.labels = torch.from_numpy(store.labels)
-        self.wait_seconds = 0.0  # time spent waiting for store data, summed over epochs
+        self.wait_seconds = 0.0  # time the caller waited for batches (store data and views), summed over epochs
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(self.store.n / self.world) / self.batch_size)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        stream = iter(self.store.stream(epoch, self.seed, self.batch_size, self.rank, self.world))
-        while True:
-            start = time.perf_counter()
-            item = next(stream, None)
-            self.wait_seconds += time.perf_counter() - start
-            if item is None:
-                return
-            rows, _views, logits, params = item
+        return timed(prefetched(lambda: self._batches(epoch), self.prefetch, "cached", on_start=one_cpu_thread), self)
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        for rows, _views, logits, params in self.store.stream(epoch, self.seed, self.batch_size, self.rank,
+                                                              self.world):
             index = self.positions[rows]
             yield Batch(self.executor.run(index, params), self.labels[rows], index, params,
                         torch.from_numpy(logits))
@@ -76,22 +92,24 @@ class OnlineTargets:
 
     def __init__(self, teacher: torch.nn.Module, spec: ViewSpec, view_seed: int, v: int, chunk: int,
                  positions: np.ndarray, labels: np.ndarray, executor, batch_size: int, seed: int,
-                 device: torch.device, bf16: bool, channels_last: bool, rank: int = 0, world: int = 1) -> None:
+                 device: torch.device, bf16: bool, channels_last: bool, rank: int = 0, world: int = 1,
+                 prefetch: int = PREFETCH) -> None:
         self.teacher, self.spec, self.view_seed = teacher.eval(), spec, view_seed
         self.n, self.v, self.chunk, self.executor = len(positions), v, chunk, executor
         self.positions = positions  # row -> sample position, as the store lays rows out
         self.labels = torch.from_numpy(labels)  # by sample position
         self.batch_size, self.seed, self.rank, self.world = batch_size // world, seed, rank, world
         self.device, self.bf16, self.channels_last = device, bf16, channels_last
+        self.prefetch = prefetch
 
     @classmethod
     def like(cls, store: LogitStore, split, teacher: torch.nn.Module, spec: ViewSpec, executor,
              batch_size: int, seed: int, device: torch.device, bf16: bool, channels_last: bool, rank: int = 0,
-             world: int = 1):
+             world: int = 1, prefetch: int = PREFETCH):
         """An online reference with the epoch plan of ``store`` (its rows, V and chunking; logits unread)."""
         return cls(teacher, spec, int(store.attrs["view_seed"]), store.v, store.chunk,
                    positions_of(store.ids, split.ids), split.labels, executor, batch_size, seed, device, bf16,
-                   channels_last, rank, world)
+                   channels_last, rank, world, prefetch)
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
@@ -102,10 +120,20 @@ class OnlineTargets:
             return self.teacher(to_device(images, self.device, self.channels_last))["logits"].float().cpu()
 
     def batches(self, epoch: int) -> Iterator[Batch]:
+        """The views are made ahead by a prefetching thread; the teacher runs in the caller's thread, as the
+        student does, because its forward pass is the compute that online distillation adds, not data."""
+        views = prefetched(lambda: self._views(epoch), self.prefetch, "online", on_start=one_cpu_thread)
+        try:
+            for batch in views:
+                batch.teacher_logits = self.teacher_logits(batch.images)
+                yield batch
+        finally:
+            views.close()
+
+    def _views(self, epoch: int) -> Iterator[Batch]:
         view = view_for_epoch(epoch, self.v, self.seed)
         order = chunked_order(epoch, self.n, self.chunk, self.seed, self.rank, self.world)
         for start in range(0, len(order), self.batch_size):
             index = self.positions[order[start:start + self.batch_size]]
             params = view_params(self.spec, self.view_seed, index, view, *self.executor.sizes(index))
-            images = self.executor.run(index, params)
-            yield Batch(images, self.labels[index], index, params, self.teacher_logits(images))
+            yield Batch(self.executor.run(index, params), self.labels[index], index, params)

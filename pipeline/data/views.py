@@ -220,14 +220,15 @@ def gather_crops(images: torch.Tensor, x0: np.ndarray, y0: np.ndarray, size: int
     right, bottom = max(0, int(x0.max()) + size - width), max(0, int(y0.max()) + size - height)
     padded = images.new_zeros((b, height + top + bottom, width + left + right, images.shape[3]))
     padded[:, top:top + height, left:left + width] = images
-    steps = torch.arange(size)
-    rows = torch.from_numpy(y0 + top)[:, None] + steps
-    cols = torch.from_numpy(x0 + left)[:, None] + steps
-    cols = torch.where(torch.from_numpy(flip)[:, None], cols.flip(1), cols)
-    crops = padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    on = images.device  # the gather runs where the images are: on the GPU for in-memory data there
+    steps = torch.arange(size, device=on)
+    rows = torch.from_numpy(y0 + top).to(on)[:, None] + steps
+    cols = torch.from_numpy(x0 + left).to(on)[:, None] + steps
+    cols = torch.where(torch.from_numpy(flip).to(on)[:, None], cols.flip(1), cols)
+    crops = padded[torch.arange(b, device=on)[:, None, None], rows[:, :, None], cols[:, None, :]]
     # into a fresh tensor: the strides the reference's stack gives, even for one channel, so that memory-format
     # choices downstream (channels_last, conv algorithms) see the same input
-    out = torch.empty((b, images.shape[3], size, size), dtype=torch.float32)
+    out = torch.empty((b, images.shape[3], size, size), dtype=torch.float32, device=on)
     out.copy_(crops.permute(0, 3, 1, 2))
     return out
 
@@ -236,11 +237,11 @@ def colour_batch(x: torch.Tensor, factors: np.ndarray) -> torch.Tensor:
     """``colour`` of each image with its (brightness, contrast, saturation), as broadcast arithmetic in the
     same order, so every element equals the one-image result: images whose factors are all 1 are left as
     they are, and saturation applies only where it is not 1 (and the images have three channels)."""
-    f = torch.from_numpy(np.ascontiguousarray(factors, dtype=np.float32)).view(-1, 3, 1, 1, 1)
+    f = torch.from_numpy(np.ascontiguousarray(factors, dtype=np.float32)).to(x.device).view(-1, 3, 1, 1, 1)
     brightness, contrast, saturation = f[:, 0], f[:, 1], f[:, 2]
-    plain = (f == 1.0).all(1)
-    if bool(plain.all()):
+    if bool(np.all(np.asarray(factors) == 1.0)):  # decided on the host: no wait for the device
         return x
+    plain = (f == 1.0).all(1)
     y = 128.0 + contrast * (x * brightness - 128.0)
     if x.shape[1] == 3:
         luma = sum(c * y[:, i:i + 1, :, :] for i, c in enumerate(_LUMA))

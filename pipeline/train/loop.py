@@ -54,6 +54,18 @@ def train_one_epoch(model, loss_fn: Callable, batches, optimizer, lr: float | Ca
     is not finite raises TrainingDiverged (checked every CHECK_EVERY steps and at the end).
     """
     model.train()
+    try:
+        return _train_epoch(model, loss_fn, batches, optimizer, lr, device, bf16, channels_last, dist, log, steps,
+                            micro_batch)
+    finally:
+        # a loader that works ahead stops now, on an error too, rather than when its traceback is freed
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _train_epoch(model, loss_fn, batches, optimizer, lr, device, bf16, channels_last, dist, log, steps,
+                 micro_batch) -> dict[str, float]:
     sums: dict[str, torch.Tensor] = {}
     seen, start, count = 0, time.perf_counter(), 0
     for count, batch in enumerate(batches, 1):
