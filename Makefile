@@ -105,7 +105,7 @@ sets   = $(foreach kv,$(1),--set $(kv))
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA_DEP := $(if $(and $(filter fmnist-lt,$(DATASET)),$(if $(DATA_ROOT),,yes)),$(FMNIST))
 
-.PHONY: help plan install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-student rehearsal gpu-check clean-venv
+.PHONY: help plan install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-loader bench-student rehearsal gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -200,7 +200,10 @@ bench-cache: $(STAMP) $(FMNIST) ## dump vs forward-only images/s, codec fidelity
 	$(VENV)/bin/python benchmarks/bench_cache.py
 	$(VENV)/bin/python benchmarks/bench_store.py
 
-bench-student: $(STAMP) $(FMNIST) ## epoch time: plain BSCE vs cached DiVE vs online DiVE, and store wait
+bench-loader: $(STAMP) $(FMNIST) $(JXL_JPEG) $(OPENCV_JPEG) ## loader alone, step alone and both: overlap efficiency of the synchronous and prefetching paths; dump vs forward
+	$(VENV)/bin/python benchmarks/bench_loader.py
+
+bench-student: $(STAMP) $(FMNIST) ## epoch time: plain BSCE vs cached DiVE vs online DiVE, and the wait for data
 	$(VENV)/bin/python benchmarks/bench_student.py
 
 rehearsal: $(STAMP) $(JXL_JPEG) $(OPENCV_JPEG) ## iNat2018-format data at 8,142 classes through every stage: time, img/s, RSS, disk
