@@ -209,8 +209,8 @@ bench-student: $(STAMP) $(FMNIST) ## epoch time: plain BSCE vs cached DiVE vs on
 rehearsal: $(STAMP) $(JXL_JPEG) $(OPENCV_JPEG) ## iNat2018-format data at 8,142 classes through every stage: time, img/s, RSS, disk
 	$(VENV)/bin/python scripts/rehearsal.py --out $(RUNS)/rehearsal
 
-gpu-check: $(STAMP) ## on a GPU machine: mixed (nvJPEG) vs CPU decoding, and a short dump on the GPU
-	PYTHON=$(VENV)/bin/python bash scripts/gpu_check.sh
+gpu-check: ## on a GPU machine, without network: student modes, dump and nvJPEG checks, as Markdown (see README)
+	PYTHON=$(if $(wildcard $(STAMP)),$(VENV)/bin/python,$(PYTHON)) bash scripts/gpu_check.sh
 
 clean-venv: ## remove the virtual environment
 	rm -rf $(VENV)

@@ -45,12 +45,12 @@ from pipeline.settings import cache_settings, teacher_settings  # noqa: E402
 from pipeline.train.distributed import Dist  # noqa: E402
 from pipeline.train.losses import build_teacher_loss  # noqa: E402
 from pipeline.train.loop import make_optimizer, train_one_epoch  # noqa: E402
-from rehearsal import encode, photos  # noqa: E402  (real Debian photos, JPEG-encoded in varied ways)
+from photo_data import write_jpeg_tree  # noqa: E402  (an ImageNet-LT tree of real Debian photos)
 from measure import dump_rates, model_for  # noqa: E402
 
 CPU = torch.device("cpu")
 TARGET_OVERLAP, TARGET_DUMP = 0.9, 0.9
-JPEG_SIDE, JPEG_IMAGES, JPEG_CLASSES = 384, 768, 10
+JPEG_SIDE, JPEG_IMAGES = 384, 768
 DUMP_RANKS = 4  # the dump is timed over one rank's share of the shards (rank 0 of 4), to bound its time
 
 
@@ -67,27 +67,6 @@ class Case:
         self.executor = make_executor(self.source.train, t.view_spec(), self.source.mean, self.source.std,
                                       max(t.batch_size, self.cache.batch_size), t.workers, CPU)
         self.executor.sizes(np.arange(len(self.source.train)))
-
-
-def write_jpeg_tree(root: Path) -> Path:
-    """An ImageNet-LT-format tree of ``JPEG_IMAGES`` training JPEGs, square crops of real photos."""
-    images = photos()
-    rng = np.random.default_rng(0)
-    lines = {"train": [], "test": []}
-    for split, count in (("train", JPEG_IMAGES), ("test", 20)):
-        for i in range(count):
-            label = i % JPEG_CLASSES
-            photo = images[i % len(images)]
-            h, w = photo.shape[:2]
-            side = min(h, w, JPEG_SIDE)
-            y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-            rel = f"{split}/n{label:08d}/{split}_{i:05d}.JPEG"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(encode(np.ascontiguousarray(photo[y0:y0 + side, x0:x0 + side]), rng))
-            lines[split].append(f"{rel} {label}")
-    for split, rows in lines.items():
-        (root / f"ImageNet_LT_{split}.txt").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def cases(jpeg_root: Path) -> list[Case]:
@@ -200,7 +179,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_loader."))
     verdicts = []
     try:
-        all_cases = cases(write_jpeg_tree(root / "jpeg"))
+        all_cases = cases(write_jpeg_tree(root / "jpeg", JPEG_IMAGES, JPEG_SIDE))
         print(f"loader benchmark: {os.cpu_count()} CPUs, 1 compute thread + 1 decode thread, {args.steps} steps "
               f"per measurement, best of {args.repeats}; load average {os.getloadavg()[0]:.1f}\n")
         for case in all_cases:

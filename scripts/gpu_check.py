@@ -11,13 +11,12 @@ It replays the same views (resized crops with colour jitter) of the same JPEGs o
 - GPU vs CPU decoded pixels, and GPU vs CPU executor outputs on the JPEGs (nvJPEG and libjpeg-turbo round
   differently, so these are reported, not checked);
 - images/s of each device over ``--count`` decodes.
-Differences are in [0, 255] pixel units. Exits 1 when a checked difference is over its tolerance, 2 when
-there is no GPU and --allow-cpu was not given.
+Differences are in [0, 255] pixel units; the output is a Markdown table. Exits 1 when a checked difference
+is over its tolerance, 2 when there is no GPU and --allow-cpu was not given.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.data import views  # noqa: E402
 from pipeline.data.dali import DaliExecutor, image_sizes  # noqa: E402
+from photo_data import photo_files  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEFAULT_GLOBS = ("/usr/share/doc/opencv-doc/examples/data/*.jpg", "/usr/share/libjxl-testdata/jxl/flower/*.jpg")
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def default_files(max_pixels: int, folder: Path) -> list[str]:
     """Typical-size real JPEGs where installed, else a few synthetic ones written into ``folder``."""
-    found = sorted(f for pattern in DEFAULT_GLOBS for f in glob.glob(pattern))
+    found = photo_files(DEFAULT_GLOBS)
     if found:
         sizes = image_sizes(found)
         small = [f for f, (h, w) in zip(found, sizes) if h * w <= max_pixels]
@@ -117,34 +117,38 @@ def png_copies(files: list[str], folder: Path) -> list[str]:
     return out
 
 
+Row = tuple[str, str, str]  # what was measured, its value, and the verdict (or "reported")
+
+
 def check_device(device: str, files: list[str], params: np.ndarray,
-                 args: argparse.Namespace) -> tuple[DaliExecutor, torch.Tensor, bool]:
-    """Run one device's executor; print its reference error and speed; return it, its outputs and pass/fail."""
+                 args: argparse.Namespace) -> tuple[DaliExecutor, torch.Tensor, list[Row], bool]:
+    """Run one device's executor: its reference error and speed as table rows, its outputs, and pass/fail."""
     ex = DaliExecutor(args.size, MEAN, STD, args.batch, device=device, num_threads=args.threads)
     out = run_all(ex, files, params)
     err = reference_diff(ex, files, params, out)
     rate = images_per_second(ex, files, params, args.count)
     ok = err <= REFERENCE_TOL
-    print(f"[{device}] executor vs torch reference (own decode): max {err:.2e}  "
-          f"{'ok' if ok else f'FAIL (> {REFERENCE_TOL})'}")
-    print(f"[{device}] {rate:.0f} images/s ({args.count} decodes, batch {args.batch}, {args.size}x{args.size}, "
-          f"{args.threads} CPU threads)")
-    return ex, out, ok
+    rows = [(f"{device}: executor vs torch reference (own decode), max abs diff", f"{err:.2e}",
+             f"{'ok' if ok else '**FAIL**'} (tolerance {REFERENCE_TOL})"),
+            (f"{device}: decode + views, images/s ({args.batch} a batch, {args.size} px, {args.threads} CPU threads)",
+             f"{rate:,.0f}", "reported")]
+    return ex, out, rows, ok
 
 
 def compare_devices(gpu: DaliExecutor, cpu: DaliExecutor, files: list[str], params: np.ndarray,
-                    outs: dict[str, torch.Tensor], folder: Path) -> bool:
-    """Print GPU vs CPU differences: decoders, executors on JPEGs, executors on PNG copies (checked)."""
+                    outs: dict[str, torch.Tensor], folder: Path) -> tuple[list[Row], bool]:
+    """GPU vs CPU differences as table rows: decoders, executors on JPEGs, executors on PNG copies (checked)."""
     decode = max(int(np.abs(gpu.decode(f).astype(int) - cpu.decode(f).astype(int)).max()) for f in files)
     jpeg = to_pixels(outs["gpu"] - outs["cpu"]).abs()
-    print(f"[gpu vs cpu] decoded pixels (nvJPEG vs libjpeg-turbo): max {decode} levels")
-    print(f"[gpu vs cpu] executor on JPEGs: max {jpeg.max().item():.3f}, mean {jpeg.mean().item():.4f}")
     pngs = png_copies(files, folder)
     ops = to_pixels(run_all(gpu, pngs, params) - run_all(cpu, pngs, params)).abs().max().item()
     ok = ops <= OPERATOR_TOL
-    print(f"[gpu vs cpu] executor on PNG copies (operators only): max {ops:.2e}  "
-          f"{'ok' if ok else f'FAIL (> {OPERATOR_TOL})'}")
-    return ok
+    rows = [("gpu vs cpu: decoded pixels (nvJPEG vs libjpeg-turbo), max levels", f"{decode}", "reported"),
+            ("gpu vs cpu: executor on the JPEGs, max / mean abs diff", f"{jpeg.max().item():.3f} / "
+             f"{jpeg.mean().item():.4f}", "reported (decoders round differently)"),
+            ("gpu vs cpu: executor on lossless PNG copies (operators only), max abs diff", f"{ops:.2e}",
+             f"{'ok' if ok else '**FAIL**'} (tolerance {OPERATOR_TOL})")]
+    return rows, ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,15 +162,23 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         files = args.files or default_files(args.max_pixels, folder)
         params = view_params(files, args.size)
-        print(f"{len(files)} files, views: resized_crop {args.size} with jitter 0.4; "
-              f"device: {torch.cuda.get_device_name() if has_gpu else 'CPU only'}")
-        executors, outs, ok = {}, {}, True
+        executors, outs, rows, ok = {}, {}, [], True
         for device in (["gpu", "cpu"] if has_gpu else ["cpu"]):
-            executors[device], outs[device], passed = check_device(device, files, params, args)
+            executors[device], outs[device], more, passed = check_device(device, files, params, args)
+            rows += more
             ok &= passed
         if has_gpu:
-            ok &= compare_devices(executors["gpu"], executors["cpu"], files, params, outs, folder)
-    print("gpu_check:", "PASS" if ok else "FAIL")
+            more, passed = compare_devices(executors["gpu"], executors["cpu"], files, params, outs, folder)
+            rows += more
+            ok &= passed
+    print(f"### Tier 2: DALI mixed (nvJPEG) against CPU decoding, on "
+          f"{torch.cuda.get_device_name() if has_gpu else 'the CPU only'}\n")
+    print(f"{len(files)} JPEG files; views: resized_crop {args.size} px with jitter 0.4; differences in [0, 255] "
+          f"pixel levels\n")
+    print("| check | value | verdict |\n|---|---:|---|")
+    for what, value, verdict in rows:
+        print(f"| {what} | {value} | {verdict} |")
+    print(f"\ntier 2 decoding: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 

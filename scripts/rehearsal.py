@@ -15,8 +15,6 @@ Each stage runs as its own process (as `make` runs it), so its peak RSS is its o
 from __future__ import annotations
 
 import argparse
-import glob
-import io
 import json
 import os
 import shutil
@@ -29,14 +27,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from photo_data import encode, photos  # real Debian photos, JPEG-encoded in varied ways
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES, N_MAX, N_MIN, VAL_PER_CLASS = 8142, 16, 2, 3
 # iNat2018's 14 supercategories (the folder level above each class)
 SUPER = ("Actinopterygii", "Amphibia", "Animalia", "Arachnida", "Aves", "Bacteria", "Chromista", "Fungi",
          "Insecta", "Mammalia", "Mollusca", "Plantae", "Protozoa", "Reptilia")
-PHOTO_GLOBS = ("/usr/share/doc/opencv-doc/examples/data/*.jpg",
-               "/usr/share/libjxl-testdata/jxl/flower/flower_cropped.jpg",
-               "/usr/share/libjxl-testdata/jxl/flower/flower.png.im_q85_420.jpg")
 TARGET_SECONDS, TARGET_RSS = 20 * 60, 4 * 2 ** 30
 TINY = ["--set", "model=resnet32", "--set", "crop_size=32", "--set", "resize=36", "--set", "epochs=1"]
 
@@ -45,29 +42,6 @@ def train_counts(classes: int = CLASSES) -> np.ndarray:
     """Train images per class: floor(16 (2/16)^(c/(C-1))), from 16 down to 2."""
     c = np.arange(classes)
     return np.floor(N_MAX * (N_MIN / N_MAX) ** (c / (classes - 1))).astype(np.int64)
-
-
-def photos() -> list[np.ndarray]:
-    """The colour photos of Debian's opencv-doc and libjxl-testdata, decoded once."""
-    files = sorted({f for pattern in PHOTO_GLOBS for f in glob.glob(pattern)})
-    images = []
-    for path in files:
-        with Image.open(path) as image:
-            if image.mode == "RGB" and min(image.size) >= 128:
-                images.append(np.asarray(image))
-    if len(images) < 8:
-        sys.exit("the rehearsal needs Debian's opencv-doc and libjxl-testdata: apt-get install opencv-doc "
-                 "libjxl-testdata (make rehearsal installs them)")
-    return images
-
-
-def encode(pixels: np.ndarray, rng: np.random.Generator) -> bytes:
-    """A JPEG of the crop, encoded in one of several ways."""
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "JPEG", quality=int(rng.integers(40, 96)),
-                                 subsampling=int(rng.integers(0, 3)), progressive=bool(rng.integers(0, 2)),
-                                 optimize=bool(rng.integers(0, 2)))
-    return out.getvalue()
 
 
 _PHOTOS: list[np.ndarray] = []

@@ -77,7 +77,7 @@ def test_a_key_of_another_stage_names_its_stage_and_variable():
 
 def test_every_stage_owns_its_keys_and_shares_only_training_ones():
     teacher, cache, student = (set(keys_of(s)) for s in STAGES)
-    runtime = {"workers", "bf16", "channels_last"}
+    runtime = {"workers", "prefetch", "bf16", "channels_last"}
     assert cache & teacher == cache & student == {"batch_size"} | runtime
     assert {"tau", "power", "alpha", "mode", "router_epochs", "router_threshold"} <= student - teacher
     assert {"loss", "diversity", "aug", "crop_size", "imbalance", "dataset"} <= teacher - student
@@ -88,7 +88,7 @@ def test_runtime_keys_are_recorded_but_not_identity():
     plain, other = cache_settings("fmnist-lt"), cache_settings("fmnist-lt", ["batch_size=1024", "workers=1"])
     assert plain.identity() == other.identity() and plain.runtime() != other.runtime()
     assert "batch_size" not in plain.identity() and other.runtime()["batch_size"] == 1024
-    t = teacher_settings("fmnist-lt", ["bf16=false", "channels_last=false", "eval_every=5"])
+    t = teacher_settings("fmnist-lt", ["bf16=false", "channels_last=false", "eval_every=5", "prefetch=0"])
     assert t.identity() == teacher_settings("fmnist-lt").identity()
 
 
