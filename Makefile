@@ -17,6 +17,7 @@ SHELL := /bin/bash
 # --- data (the teacher's split, which its cache and students inherit) ---
 DATASET   ?= fmnist-lt
 IF        ?= 100
+CLASSES   ?=
 DATA_ROOT ?=
 # --- teacher ---
 LOSS            ?= bsce
@@ -77,7 +78,8 @@ $(if $(filter command line,$(origin NAME)),$(error NAME= no longer exists: a stu
 
 kv = $(if $(2),$(1)=$(2))
 RUNTIME_KV := $(call kv,workers,$(WORKERS))
-TEACHER_KV := loss=$(LOSS) seed=$(TEACHER_SEED) imbalance=$(IF) $(call kv,epochs,$(TEACHER_EPOCHS)) \
+TEACHER_KV := loss=$(LOSS) seed=$(TEACHER_SEED) imbalance=$(IF) $(call kv,classes,$(CLASSES)) \
+              $(call kv,epochs,$(TEACHER_EPOCHS)) \
               $(call kv,lr,$(TEACHER_LR)) $(call kv,batch_size,$(TEACHER_BATCH)) $(call kv,model,$(TEACHER_MODEL)) \
               $(call kv,experts,$(TEACHER_EXPERTS)) $(TEACHER_SET) $(RUNTIME_KV)
 CACHE_KV   := $(call kv,views,$(VIEWS)) $(call kv,codec,$(CODEC)) $(CACHE_SET) $(RUNTIME_KV)
@@ -101,9 +103,14 @@ STAMP := $(VENV)/.installed
 DIVE  := $(if $(filter 1,$(NPROC)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m stages.cli)
 sets   = $(foreach kv,$(1),--set $(kv))
 
-# The default dataset's files come from Debian's package unless DATA_ROOT points elsewhere.
+# The embedded datasets' inputs come from Debian's packages unless DATA_ROOT points elsewhere: Fashion-MNIST's
+# files, and the CJK fonts glyph-lt is rendered from (once, into ~/.cache/dive/glyph-lt or DATA_ROOT).
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-DATA_DEP := $(if $(and $(filter fmnist-lt,$(DATASET)),$(if $(DATA_ROOT),,yes)),$(FMNIST))
+FONTS  := /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc
+FONT_PACKAGES := fonts-noto-cjk fonts-arphic-ukai fonts-arphic-uming fonts-ipafont-gothic fonts-ipafont-mincho \
+                 fonts-wqy-microhei fonts-wqy-zenhei
+EMBEDDED := $(if $(filter fmnist-lt,$(DATASET)),$(FMNIST))$(if $(filter glyph-lt,$(DATASET)),$(FONTS))
+DATA_DEP := $(if $(DATA_ROOT),,$(EMBEDDED))
 
 .PHONY: help plan install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-loader bench-student rehearsal gpu-check clean-venv
 
@@ -114,7 +121,7 @@ help: ## list the targets and variables
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  \1\t/' | expand -t 18
 	@echo
 	@echo "Variables (current value). Each reaches one stage only:"
-	@echo "  data     DATASET=$(DATASET) (fmnist-lt | cifar100-lt | imagenet-lt | inat2018)  IF=$(IF)  DATA_ROOT=$(DATA_ROOT)"
+	@echo "  data     DATASET=$(DATASET) (fmnist-lt | glyph-lt | cifar100-lt | imagenet-lt | inat2018)  IF=$(IF)  CLASSES=$(CLASSES) (glyph-lt)  DATA_ROOT=$(DATA_ROOT)"
 	@echo "  teacher  LOSS=$(LOSS) (bsce | ce)  TEACHER_SEED=$(TEACHER_SEED)  TEACHER_EPOCHS TEACHER_LR TEACHER_BATCH"
 	@echo "           TEACHER_MODEL (ride: RIDE experts)  TEACHER_EXPERTS  TEACHER_SET=\"key=value ...\""
 	@echo "  cache    VIEWS (V)  CODEC (float16 | int8)  CACHE_SET=\"key=value ...\" (batch_size=: the dump's batch)"
@@ -144,6 +151,9 @@ $(STAMP): pyproject.toml
 $(FMNIST):
 	@echo "Fashion-MNIST is missing: installing Debian's dataset-fashion-mnist (or set DATA_ROOT=)"
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+$(FONTS):
+	@echo "glyph-lt's CJK fonts are missing: installing $(FONT_PACKAGES)"
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FONT_PACKAGES)
 
 $(TEACHER_DIR)/manifest.json: | $(STAMP) $(DATA_DEP)
 	$(DIVE) teacher --dataset $(DATASET) $(call sets,$(TEACHER_KV)) $(ROOT_ARG) --device $(DEVICE) --runs $(RUNS)
@@ -193,7 +203,7 @@ $(JXL_JPEG):
 $(OPENCV_JPEG):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq opencv-doc
 
-test: $(STAMP) $(FMNIST) $(JXL_JPEG) $(OPENCV_JPEG) ## run the test suite (installs its data with apt-get if missing)
+test: $(STAMP) $(FMNIST) $(FONTS) $(JXL_JPEG) $(OPENCV_JPEG) ## run the test suite (installs its data with apt-get if missing)
 	$(VENV)/bin/python -m pytest -q tests
 
 bench-cache: $(STAMP) $(FMNIST) ## dump vs forward-only images/s, codec fidelity, store MB/s, iNat-shaped reads

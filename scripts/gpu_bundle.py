@@ -4,18 +4,19 @@ Such a machine has Python 3.12 and torch, but no network, no zarr, numcodecs or 
 transfers of at most 64 MiB each. Here (with network):
 
     python scripts/gpu_bundle.py                  # writes gpu-bundle/ (every file at most --piece-mib)
-    python scripts/gpu_bundle.py --no-dali        # tier 1 only: no DALI wheel (about 40 MiB in all)
+    python scripts/gpu_bundle.py --no-dali        # tier 1 only: without DALI and its codec libraries
 
-Copy ``gpu-bundle/`` next to the repository on the GPU machine, file by file. There, ``make gpu-check`` (or
-``bash scripts/gpu_check.sh``) finds it, joins the split wheels, checks every wheel's SHA-256 against
-``manifest.json``, and installs them without network into ``.gpu-env`` (a venv that sees the machine's
-torch) before it runs; only what that Python lacks is installed, so its own numpy, torchvision and pillow
-are kept. To join and check by hand: ``python scripts/gpu_bundle.py --join gpu-bundle``.
+Copy ``gpu-bundle/`` into the repository's folder on the GPU machine, file by file. There, ``make gpu-check``
+(or ``bash scripts/gpu_check.sh``) finds it, joins the split wheels, checks every wheel's SHA-256 against
+``manifest.json``, and installs without network, into ``.gpu-env/site`` (put on PYTHONPATH), only what that
+Python lacks: its own numpy, torchvision and pillow are kept, as its torch was built with them. To join and
+check by hand: ``python scripts/gpu_bundle.py --join gpu-bundle``.
 
 Layout: ``wheels/`` (whole wheels: zarr, numcodecs, typer, pillow and their dependencies, and the
-torchvision built for the machine's torch (``--torch``), for CPython 3.12 on x86-64 Linux), ``pieces/`` (wheels larger than one piece, DALI's and its codec libraries', cut into
-``<wheel>.partNN``), ``fmnist/`` (Debian's Fashion-MNIST IDX files), ``photos/`` (the JPEG photos of
-Debian's opencv-doc and libjxl-testdata, for tier 2) and ``manifest.json``.
+torchvision built for the machine's torch (``--torch``), for CPython 3.12 on x86-64 Linux), ``pieces/``
+(wheels larger than one piece, such as DALI's, cut into ``<wheel>.partNN``), ``fmnist/`` (Debian's
+Fashion-MNIST IDX files), ``photos/`` (the JPEG photos of Debian's opencv-doc and libjxl-testdata, for tier
+2) and ``manifest.json``.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def torchvision_for(torch_version: str) -> str:
     major, minor = (int(x) for x in torch_version.split(".")[:2])
     if major != 2:
         raise SystemExit(f"--torch {torch_version}: only torch 2.x is known here; give --torch as 2.N")
-    return f"torchvision=={0}.{minor + 15}.*"
+    return f"torchvision==0.{minor + 15}.*"
 
 
 def download(requirements: list[str], into: Path, python: str, no_deps: bool = False) -> None:

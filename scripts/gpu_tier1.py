@@ -108,7 +108,7 @@ def replay_check(device: torch.device) -> tuple[str, bool]:
             diff = (got - expected).abs().max().item()
             ok = diff == 0.0 if jitter == 0 else diff <= 1e-3
             passed &= ok
-            what = f"{side} px, {channels} channel(s), pad-crop + flip" + (f", colour jitter {jitter}" if jitter else "")
+            what = f"{side} px, {channels} channel(s), pad-crop + flip" + (f", jitter {jitter}" if jitter else "")
             lines.append(f"| {what} | {diff:.2e} | {mark(ok)} ({'exact' if jitter == 0 else 'within 1e-3'}) |")
     return "\n".join(lines), passed
 

@@ -146,7 +146,7 @@ def run(teacher_dir: Path, out: Path, cache: CacheSettings, data_root: Path | No
     dist = init_from_env(device)
     teacher = teacher_of(teacher_dir)
     teacher_manifest = read_manifest(teacher_dir, "teacher")
-    source = load_source(teacher.dataset, data_root, teacher.imbalance)
+    source = load_source(teacher.dataset, data_root, teacher.imbalance, teacher.classes)
     check_fingerprint("dataset sample list", teacher_manifest["inputs"]["train_samples"], source.fingerprint(),
                       f"teacher {teacher_dir} and dataset {teacher.dataset}")
     teacher_sha = sha256_file(teacher_dir / "model.pt")

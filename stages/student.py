@@ -91,7 +91,7 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
     dist = init_from_env(device)
     cache_config = read_manifest(cache_dir, "cache")["config"]
     teacher = settings_of(cache_config, "teacher")
-    source = load_source(teacher.dataset, data_root, teacher.imbalance)
+    source = load_source(teacher.dataset, data_root, teacher.imbalance, teacher.classes)
     recipe = defaults_for(teacher.dataset).student  # what the lr and the divergence messages compare against
     store = open_cache(cache_dir, source)
     ident = identity(student, cache_config, store)

@@ -28,7 +28,7 @@ def run(settings: TeacherSettings, out: Path, data_root: Path | None = None, dev
         log=print) -> dict:
     """Train the teacher into ``out`` (resuming if a checkpoint is there) and return its test metrics."""
     dist = init_from_env(device)
-    source = load_source(settings.dataset, data_root, settings.imbalance)
+    source = load_source(settings.dataset, data_root, settings.imbalance, settings.classes)
     recipe = defaults_for(settings.dataset).teacher  # what the lr and the divergence messages compare against
     if prepare_run_dir(out, identity(settings)):
         log(f"{out} is complete; nothing to do")

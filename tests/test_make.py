@@ -19,7 +19,8 @@ from .conftest import REPO
 # variable -> (what it reaches, a value to try). Stages: teacher, cache, student. "runtime": recorded only.
 # "elsewhere": a target other than the three stages (inspect, sweep, flatness) or where files live.
 OWNER = {
-    "DATASET": ("teacher", "cifar100-lt"), "IF": ("teacher", "10"), "LOSS": ("teacher", "ce"),
+    "DATASET": ("teacher", "cifar100-lt"), "IF": ("teacher", "10"), "CLASSES": ("teacher", "50"),
+    "LOSS": ("teacher", "ce"),
     "TEACHER_SEED": ("teacher", "1"), "TEACHER_EPOCHS": ("teacher", "7"), "TEACHER_LR": ("teacher", "0.05"),
     "TEACHER_BATCH": ("teacher", "64"), "TEACHER_MODEL": ("teacher", "ride"),
     "TEACHER_EXPERTS": ("teacher", "3"), "TEACHER_SET": ("teacher", "gamma=0.1"),

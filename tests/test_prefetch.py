@@ -47,6 +47,14 @@ def wait_for_no_loader_threads(seconds: float = 5.0) -> list[str]:
     return loader_threads()
 
 
+def fmnist_views():
+    """The default recipe's settings, Fashion-MNIST-LT, its training views and their in-memory executor."""
+    settings = teacher_settings("fmnist-lt")
+    source = load_source("fmnist-lt")
+    spec = settings.view_spec()
+    return settings, source, spec, make_executor(source.train, spec, source.mean, source.std, 128)
+
+
 def assert_same_batches(sync, ahead) -> int:
     """Every batch of two iterables equal, in order, images bit for bit; returns how many there were."""
     count = 0
@@ -105,10 +113,7 @@ def test_prefetched_works_ahead_while_the_consumer_is_busy():
 
 @needs_fmnist
 def test_teacher_views_prefetched_equal_synchronous_across_epochs_and_ranks():
-    settings = teacher_settings("fmnist-lt")
-    source = load_source("fmnist-lt")
-    spec = settings.view_spec()
-    executor = make_executor(source.train, spec, source.mean, source.std, 128)
+    _, source, spec, executor = fmnist_views()
     for world in (1, 2):
         for rank in range(world):
             sync, ahead = (ViewLoader(source.train, spec, executor, 256, seed=3, train=True, rank=rank, world=world,
@@ -135,10 +140,7 @@ def test_dali_decoded_batches_prefetched_equal_synchronous(tmp_path):
 def test_student_targets_prefetched_equal_synchronous(small_cache):
     teacher_dir, cache = small_cache
     store = LogitStore.open(cache / "logits.zarr")
-    settings = teacher_settings("fmnist-lt")
-    source = load_source("fmnist-lt")
-    spec = settings.view_spec()
-    executor = make_executor(source.train, spec, source.mean, source.std, 128)
+    settings, source, spec, executor = fmnist_views()
     teacher = load_teacher(teacher_dir, CPU, settings.channels_last)
     for world, rank in ((1, 0), (2, 0), (2, 1)):
         cached = [CachedTargets(store, source.train.ids, executor, 256, 5, rank, world, prefetch=d) for d in (0, 2)]
@@ -202,10 +204,7 @@ def test_a_bad_file_met_while_prefetching_is_named_and_the_finished_shards_kept(
 def test_leaving_an_epoch_early_stops_the_loader_threads(small_cache):
     _, cache = small_cache
     store = LogitStore.open(cache / "logits.zarr")
-    settings = teacher_settings("fmnist-lt")
-    source = load_source("fmnist-lt")
-    spec = settings.view_spec()
-    executor = make_executor(source.train, spec, source.mean, source.std, 128)
+    settings, source, spec, executor = fmnist_views()
     loaders = [ViewLoader(source.train, spec, executor, 128, seed=0, train=True),
                CachedTargets(store, source.train.ids, executor, 128, 0)]
     assert wait_for_no_loader_threads() == []

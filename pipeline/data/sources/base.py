@@ -85,6 +85,7 @@ class Source:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     info: dict = field(default_factory=dict)
+    content: str = ""  # sha256 of a rendered dataset's file (glyph-lt); empty for datasets read from files
 
     @property
     def in_channels(self) -> int:
@@ -101,9 +102,11 @@ class Source:
         return class_groups(self.class_counts)
 
     def fingerprint(self) -> str:
-        """Fingerprint of the training sample list and class count, which a cache is bound to."""
+        """Fingerprint of the training sample list and class count, which a cache is bound to; for a rendered
+        dataset also its pixels' digest (``content``), since another machine may render other pixels."""
+        content = [self.content] if self.content else []  # empty: the fingerprints made before it stay valid
         return sha256_arrays(np.array([self.num_classes]), self.train.ids, self.train.labels,
-                             strings=(self.name, *self.train.relative_files()))
+                             strings=(self.name, *self.train.relative_files(), *content))
 
 
 def class_groups(counts: np.ndarray) -> dict[str, np.ndarray]:
