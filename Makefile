@@ -112,7 +112,7 @@ FONT_PACKAGES := fonts-noto-cjk fonts-arphic-ukai fonts-arphic-uming fonts-ipafo
 EMBEDDED := $(if $(filter fmnist-lt,$(DATASET)),$(FMNIST))$(if $(filter glyph-lt,$(DATASET)),$(FONTS))
 DATA_DEP := $(if $(DATA_ROOT),,$(EMBEDDED))
 
-.PHONY: help plan install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-loader bench-student rehearsal gpu-check clean-venv
+.PHONY: help plan install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-loader bench-student rehearsal glyph-study gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -209,6 +209,9 @@ test: $(STAMP) $(FMNIST) $(FONTS) $(JXL_JPEG) $(OPENCV_JPEG) ## run the test sui
 bench-cache: $(STAMP) $(FMNIST) ## dump vs forward-only images/s, codec fidelity, store MB/s, iNat-shaped reads
 	$(VENV)/bin/python benchmarks/bench_cache.py
 	$(VENV)/bin/python benchmarks/bench_store.py
+
+glyph-study: $(STAMP) $(FONTS) ## glyph-lt: CE, BSCE, DiVE over 3 seeds, a tau x p sweep, report, inspect (resumable; hours)
+	$(PYTHON) scripts/glyph_study.py VENV=$(VENV) RUNS=$(RUNS)
 
 bench-loader: $(STAMP) $(FMNIST) $(JXL_JPEG) $(OPENCV_JPEG) ## loader alone, step alone and both: overlap efficiency of the synchronous and prefetching paths; dump vs forward
 	$(VENV)/bin/python benchmarks/bench_loader.py
