@@ -16,8 +16,9 @@ already resident), and the two together through the stage's own ``train_one_epoc
 (``prefetch=0``, the path before prefetching) and pipelined (``prefetch=2``). Overlap efficiency =
 together / min(loader alone, step alone); the target for the pipelined path is >= 0.9. Then the cache's
 ``dump`` (teacher forward, store encode and write) against the teacher's forward on resident tensors, the
-dump's real limit (target >= 0.9). Each figure is the best of ``--repeats`` runs, alternated between paths
-so that machine load hits all alike.
+dump's real limit (target >= 0.9). Every measurement is repeated (``--repeats``), the paths back to back in
+each repeat; images/s are medians, and each ratio is the median of the repeats' own ratios, so that a burst
+of load on this shared machine moves a repeat, not the verdict.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import argparse
 import itertools
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -50,7 +52,9 @@ from measure import dump_rates, model_for  # noqa: E402
 
 CPU = torch.device("cpu")
 TARGET_OVERLAP, TARGET_DUMP = 0.9, 0.9
-JPEG_SIDE, JPEG_IMAGES = 384, 768
+JPEG_SIDE = 384
+STEPS = 40
+JPEG_RECIPE = ["model=resnet32", "crop_size=32", "resize=36", "jitter=0.4", "batch_size=64", "workers=1"]
 DUMP_RANKS = 4  # the dump is timed over one rank's share of the shards (rank 0 of 4), to bound its time
 
 
@@ -71,8 +75,7 @@ class Case:
 
 def cases(jpeg_root: Path) -> list[Case]:
     fmnist = teacher_settings("fmnist-lt", ["workers=1"])
-    jpeg = teacher_settings("imagenet-lt", ["model=resnet32", "crop_size=32", "resize=36", "jitter=0.4",
-                                            "batch_size=64", "workers=1"])
+    jpeg = teacher_settings("imagenet-lt", JPEG_RECIPE)
     return [Case("fmnist-lt (in memory, torch views)", load_source("fmnist-lt"), fmnist,
                  cache_settings("fmnist-lt", ["views=2", "workers=1", "batch_size=256"])),
             Case(f"JPEG {JPEG_SIDE} px (DALI CPU decode)", load_source("imagenet-lt", jpeg_root), jpeg,
@@ -89,12 +92,20 @@ def loader_for(case: Case, prefetch: int) -> ViewLoader:
 
 
 def first_batches(loader: ViewLoader, epoch: int, steps: int):
-    """The first ``steps`` batches of an epoch; the loader (and any thread of it) is closed after them."""
-    batches = loader.batches(epoch)
-    try:
-        yield from itertools.islice(batches, steps)
-    finally:
-        batches.close()
+    """``steps`` batches from the start of ``epoch`` (into the epochs after it where one is shorter); each
+    epoch's loader (and any thread of it) is closed once its batches are taken."""
+    for e in itertools.count(epoch):
+        batches = loader.batches(e)
+        try:
+            for batch in batches:
+                if steps == 0:
+                    return
+                steps -= 1
+                yield batch
+        finally:
+            batches.close()
+        if steps == 0:
+            return
 
 
 def loader_alone(case: Case, steps: int, epoch: int) -> float:
@@ -127,9 +138,10 @@ def train_rate(trainer: Trainer, batches) -> float:
     return stats["images_per_s"]
 
 
-def training_rates(case: Case, steps: int, repeats: int) -> dict[str, float]:
-    """Loader alone, step alone (the same loop over the epoch's batches made beforehand and held in memory),
-    and both together, synchronous and pipelined; the best of ``repeats`` each, on epochs 0, 1, ..."""
+def training_rates(case: Case, steps: int, repeats: int) -> dict[str, list[float]]:
+    """Per repeat r (on epoch r): loader alone, step alone (the same loop over the same batches made beforehand
+    and held in memory), and both together, synchronous and pipelined; measured back to back, so that each
+    repeat's ratios compare runs made under the same machine load."""
     trainer = Trainer(case)
     train_rate(trainer, list(first_batches(loader_for(case, 0), 99, 3)))  # warm-up: allocations, kernel choices
     runs: dict[str, list[float]] = {"loader": [], "step": [], "sync": [], "pipelined": []}
@@ -140,58 +152,74 @@ def training_rates(case: Case, steps: int, repeats: int) -> dict[str, float]:
         del resident
         runs["sync"].append(train_rate(trainer, first_batches(loader_for(case, 0), epoch, steps)))
         runs["pipelined"].append(train_rate(trainer, first_batches(loader_for(case, 2), epoch, steps)))
-    return {k: max(v) for k, v in runs.items()}
+    return runs
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def overlap(runs: dict[str, list[float]], path: str) -> float:
+    """Median over repeats of together / min(loader alone, step alone)."""
+    return median(t / min(a, b) for t, a, b in zip(runs[path], runs["loader"], runs["step"]))
+
+
+def ratio(runs: dict[str, list[float]], num: str, *dens: str) -> float:
+    """Median over repeats of ``num`` / min(``dens``)."""
+    return median(runs[num][i] / min(runs[d][i] for d in dens) for i in range(len(runs[num])))
 
 
 # --- the report ------------------------------------------------------------------------------------------
 
 
-def report(name: str, train: dict[str, float], dumps: dict[str, float]) -> list[str]:
-    bound = min(train["loader"], train["step"])
-    ratio = max(train["loader"], train["step"]) / bound
+def report(name: str, train: dict[str, list[float]], dumps: dict[str, list[float]]) -> list[str]:
+    """Markdown tables of one dataset: median images/s, and ratios as medians of each repeat's ratio."""
+    alone = ratio(train, "loader", "step")
+    spread = max(alone, 1 / alone)
     lines = [f"### {name}", "",
-             f"loader alone / step alone = {train['loader'] / train['step']:.2f}"
-             f"{'' if ratio <= 2 else '  (not within 2x: overlap cannot show much here)'}", "",
+             f"loader alone / step alone = {alone:.2f}"
+             f"{'' if spread <= 2 else '  (not within 2x: overlap cannot show much here)'}", "",
              "| measure | images/s | overlap efficiency |", "|---|---:|---:|",
-             f"| loader alone | {train['loader']:,.0f} | |",
-             f"| step alone (resident batches) | {train['step']:,.0f} | |",
-             f"| together, synchronous (prefetch=0) | {train['sync']:,.0f} | {train['sync'] / bound:.3f} |",
-             f"| together, pipelined (prefetch=2) | {train['pipelined']:,.0f} | {train['pipelined'] / bound:.3f} |",
+             f"| loader alone | {median(train['loader']):,.0f} | |",
+             f"| step alone (resident batches) | {median(train['step']):,.0f} | |",
+             f"| together, synchronous (prefetch=0) | {median(train['sync']):,.0f} | {overlap(train, 'sync'):.3f} |",
+             f"| together, pipelined (prefetch=2) | {median(train['pipelined']):,.0f} | "
+             f"{overlap(train, 'pipelined'):.3f} |",
              "", "| cache dump | images/s | / forward on resident tensors | / min(views alone, forward) |",
              "|---|---:|---:|---:|",
-             f"| views alone (read, decode, replay) | {dumps['views']:,.0f} | | |",
-             f"| teacher forward, resident | {dumps['forward']:,.0f} | 1.000 | |"]
-    limit = min(dumps["views"], dumps["forward"])
+             f"| views alone (read, decode, replay) | {median(dumps['views']):,.0f} | | |",
+             f"| teacher forward, resident | {median(dumps['forward']):,.0f} | 1.000 | |"]
     for label in ("dump sync", "dump pipelined"):
-        lines.append(f"| {label} | {dumps[label]:,.0f} | {dumps[label] / dumps['forward']:.3f} | "
-                     f"{dumps[label] / limit:.3f} |")
+        lines.append(f"| {label} | {median(dumps[label]):,.0f} | {ratio(dumps, label, 'forward'):.3f} | "
+                     f"{ratio(dumps, label, 'views', 'forward'):.3f} |")
     lines.append("")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="training steps per measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement (best is reported)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of every measurement (medians reported)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one compute thread; the loader gets one decode thread (DALI) or one_cpu_thread
     one_cpu_thread()
     root = Path(tempfile.mkdtemp(prefix="bench_loader."))
     verdicts = []
     try:
-        all_cases = cases(write_jpeg_tree(root / "jpeg", JPEG_IMAGES, JPEG_SIDE))
+        # a whole epoch of JPEGs per measurement: the loader restarts (and refills) at each epoch's start
+        jpegs = args.steps * teacher_settings("imagenet-lt", JPEG_RECIPE).batch_size
+        all_cases = cases(write_jpeg_tree(root / "jpeg", jpegs, JPEG_SIDE))
         print(f"loader benchmark: {os.cpu_count()} CPUs, 1 compute thread + 1 decode thread, {args.steps} steps "
-              f"per measurement, best of {args.repeats}; load average {os.getloadavg()[0]:.1f}\n")
+              f"per measurement, medians of {args.repeats} repeats; load average {os.getloadavg()[0]:.1f}\n")
         for case in all_cases:
             train = training_rates(case, args.steps, args.repeats)
             teacher = model_for(case.cache, case.source, CPU, case.teacher.model).eval()
             dumps = dump_rates(case.source, case.teacher.view_spec(), case.cache, teacher, case.executor, root, CPU,
                                args.repeats, ranks=DUMP_RANKS)
             print("\n".join(report(case.name, train, dumps)), flush=True)
-            bound = min(train["loader"], train["step"])
-            verdicts.append((case.name, train["sync"] / bound, train["pipelined"] / bound,
-                             dumps["dump pipelined"] / dumps["forward"],
-                             dumps["dump pipelined"] / min(dumps["views"], dumps["forward"])))
+            verdicts.append((case.name, overlap(train, "sync"), overlap(train, "pipelined"),
+                             ratio(dumps, "dump pipelined", "forward"),
+                             ratio(dumps, "dump pipelined", "views", "forward")))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("| dataset | overlap, synchronous | overlap, pipelined | dump / forward | dump / min(views, forward) |")
