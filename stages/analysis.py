@@ -102,8 +102,9 @@ def tsne(runs: Path, out: Path, classes: list[int] | None = None, chosen: dict[s
 
     models = pick_models(runs, chosen)
     evals, labels, counts, dataset = load_evals(models)
-    names = class_names(dataset, data_root, len(counts))
-    classes = classes or default_classes(counts)
+    source = source_or_none(dataset, data_root)
+    names = class_names(dataset, data_root, len(counts), source)
+    classes = classes or showcase(source, len(counts)) or default_classes(counts)
     bad = [c for c in classes if not 0 <= c < len(counts)]
     if bad:
         raise ArtifactError(f"--classes {bad}: {dataset} has classes 0..{len(counts) - 1}")
@@ -154,6 +155,7 @@ def _plot_tsne(path, embeddings, y, classes, names, groups, models) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    use_font_for(names[c] for c in classes)
     fig, axes = plt.subplots(1, len(embeddings), figsize=(4.4 * len(embeddings), 4.4), dpi=120, squeeze=False)
     colours = [GROUP_COLOURS[groups[c]] for c in classes]
     for ax, (method, emb) in zip(axes[0], embeddings.items()):
@@ -169,15 +171,51 @@ def _plot_tsne(path, embeddings, y, classes, names, groups, models) -> None:
     plt.close(fig)
 
 
+def source_or_none(dataset: str, data_root: Path | None):
+    """The dataset's source, or None where its data is not at hand (the figures then number the classes)."""
+    try:
+        return load_source(dataset, data_root)
+    except DataError:
+        return None
+
+
 def class_names(dataset: str, data_root: Path | None, num_classes: int, source=None) -> list[str]:
     """The dataset's class names, or the class numbers where the data (and so its names) is not at hand."""
-    if source is None:
-        try:
-            source = load_source(dataset, data_root)
-        except DataError:
-            return [str(c) for c in range(num_classes)]
-    names = source.class_names
+    source = source or source_or_none(dataset, data_root)
+    names = source.class_names if source is not None else ()
     return list(names) if len(names) == num_classes else [str(c) for c in range(num_classes)]
+
+
+def showcase(source, num_classes: int) -> list[int]:
+    """The classes a dataset proposes for figures (glyph-lt: look-alike characters across the groups), where
+    the runs have its class count; else none."""
+    picked = list(source.info.get("showcase", ())) if source is not None else []
+    return picked if source is not None and source.num_classes == num_classes else []
+
+
+# Typefaces for class names in figures, where the names need them (glyph-lt's characters): the first found.
+CJK_FONTS = ("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc", "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc")
+
+
+def use_font_for(names) -> None:
+    """Make matplotlib draw ``names`` with a CJK typeface when any holds a CJK character (DejaVu, its default,
+    has none and would draw boxes), keeping DejaVu Sans for Latin text."""
+    if not any(ord(ch) >= 0x2E80 for name in names for ch in name):
+        return
+    import logging
+
+    from matplotlib import font_manager, rcParams
+
+    # WenQuanYi's one weight is 500: matplotlib would warn on every text that it has no "normal" (400)
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    for path in CJK_FONTS:
+        if Path(path).is_file():
+            font_manager.fontManager.addfont(path)
+            rcParams["font.family"] = ["sans-serif"]
+            rcParams["font.sans-serif"] = [font_manager.FontProperties(fname=path).get_name(), "DejaVu Sans"]
+            return
+    raise ArtifactError("the class names are CJK characters and no CJK font is installed: apt-get install "
+                        "fonts-wqy-zenhei (make installs it with glyph-lt's fonts)")
 
 
 def pick_samples(evals: dict[str, dict], labels: np.ndarray, counts: np.ndarray,
@@ -254,6 +292,7 @@ def _plot_samples(path, split, chosen, labels, pred, names, groups) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    use_font_for(names)
     cols = min(6, len(chosen))
     rows = (len(chosen) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 3.0 * rows + 0.4), dpi=120, squeeze=False)

@@ -106,3 +106,18 @@ def test_a_small_run_through_teacher_cache_and_student(tmp_path):
     metrics = json.loads((student / "metrics.json").read_text())
     assert 0 < metrics["top1"] <= 100 and json.loads((teacher / "config.json").read_text())["teacher"]["classes"] == 50
     assert (data / glyph.file_name(50, 100)).is_file()  # rendered once, read by every stage
+
+
+def test_figures_show_look_alike_characters_in_a_cjk_font(tmp_path):
+    from matplotlib import rcParams
+
+    from stages.analysis import showcase, use_font_for
+
+    source = load_source("glyph-lt", tmp_path, 100, 50)
+    picked = showcase(source, 50)
+    assert "".join(source.class_names[c] for c in picked) == glyph.SHOWCASE  # 巴 and characters built on it
+    groups = class_groups(source.class_counts)
+    assert all(any(groups[g][c] for c in picked) for g in ("many", "medium", "few"))
+    assert showcase(source, 49) == []  # runs of another class count: no proposal
+    use_font_for(["巴", "吧"])
+    assert rcParams["font.sans-serif"][0] == "WenQuanYi Zen Hei"
