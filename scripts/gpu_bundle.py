@@ -81,6 +81,8 @@ def missing_here(wheels: list[Path]) -> list[Path]:
 
 
 def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file. Not store.manifest's: this script runs on the GPU machine before numpy, which
+    that module imports, may be installed."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):

@@ -13,12 +13,13 @@ what DiVE's virtual examples need, and it runs on a CPU: 32 x 32 grey images lik
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+
+from store.manifest import sha256_file
 
 from . import glyph_render as render
 from .base import DataError, Source, Split, longtail_counts
@@ -55,14 +56,6 @@ def train_counts(classes: int, imbalance: float) -> np.ndarray:
 
 def file_name(classes: int, imbalance: float) -> str:
     return f"glyph-lt-c{classes}-if{imbalance:g}-n{N_MAX}-t{TEST_PER_CLASS}-f{FORMAT}.npz"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def render_split(chars: str, covering: np.ndarray, counts: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -10,12 +10,13 @@ decide the pixels, so the rendered set records both and carries its own fingerpr
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from store.manifest import sha256_file
 
 from .base import DataError
 
@@ -78,14 +79,7 @@ def check_fonts(styles=STYLES) -> None:
 
 def font_digests(styles=STYLES) -> dict[str, str]:
     """sha256 of each style's font file: the rendered pixels depend on them."""
-    out = {}
-    for s in styles:
-        digest = hashlib.sha256()
-        with open(s.path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        out[s.name] = digest.hexdigest()
-    return out
+    return {s.name: sha256_file(s.path) for s in styles}
 
 
 @lru_cache(maxsize=None)
