@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make gpu-check: the GPU check for a bare GPU machine (no network; torch but maybe no zarr, numcodecs or
-# DALI), in under 8 minutes, with Markdown output.
+# DALI), sized for under 8 minutes (not yet timed on a GPU), with Markdown output.
 #   0. what the machine lacks comes from gpu-bundle/ (scripts/gpu_bundle.py builds it where there is network):
 #      split wheels are joined, every wheel's SHA-256 checked, and they are installed, without network, into
 #      .gpu-env/site (the machine's own torch and numpy are kept);
