@@ -32,6 +32,7 @@ TEACHER_SET     ?=
 VIEWS     ?=
 CODEC     ?=
 CACHE_SET ?=
+PLAN      ?=
 # --- student ---
 TAU             ?=
 POWER           ?=
@@ -112,7 +113,7 @@ FONT_PACKAGES := fonts-noto-cjk fonts-arphic-ukai fonts-arphic-uming fonts-ipafo
 EMBEDDED := $(if $(filter fmnist-lt,$(DATASET)),$(FMNIST))$(if $(filter glyph-lt,$(DATASET)),$(FONTS))
 DATA_DEP := $(if $(DATA_ROOT),,$(EMBEDDED))
 
-.PHONY: help plan install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-loader bench-student rehearsal glyph-study gpu-check clean-venv
+.PHONY: help plan install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-codecs bench-loader bench-student rehearsal glyph-study gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -124,7 +125,7 @@ help: ## list the targets and variables
 	@echo "  data     DATASET=$(DATASET) (fmnist-lt | glyph-lt | cifar100-lt | imagenet-lt | inat2018)  IF=$(IF)  CLASSES=$(CLASSES) (glyph-lt)  DATA_ROOT=$(DATA_ROOT)"
 	@echo "  teacher  LOSS=$(LOSS) (bsce | ce)  TEACHER_SEED=$(TEACHER_SEED)  TEACHER_EPOCHS TEACHER_LR TEACHER_BATCH"
 	@echo "           TEACHER_MODEL (ride: RIDE experts)  TEACHER_EXPERTS  TEACHER_SET=\"key=value ...\""
-	@echo "  cache    VIEWS (V)  CODEC (float16 | int8)  CACHE_SET=\"key=value ...\" (batch_size=: the dump's batch)"
+	@echo "  cache    VIEWS (V)  CODEC (float16 | int8 | topk)  CACHE_SET=\"key=value ...\" (topk=K, batch_size=: the dump's batch)  PLAN=1 (size only)"
 	@echo "  student  TAU POWER ALPHA  MODE=$(MODE) (cached | online)  STUDENT_SEED=$(STUDENT_SEED)  STUDENT_EPOCHS"
 	@echo "           STUDENT_LR STUDENT_BATCH STUDENT_MODEL STUDENT_EXPERTS STUDENT_SET=\"key=value ...\""
 	@echo "  runtime  DEVICE=$(DEVICE) (auto | cpu | cuda)  NPROC=$(NPROC) (torchrun processes)  WORKERS (decode threads)"
@@ -163,7 +164,13 @@ teacher: $(TEACHER_DIR)/manifest.json ## train the teacher (Balanced Softmax; LO
 $(CACHE_DIR)/manifest.json: | $(TEACHER_DIR)/manifest.json
 	$(DIVE) cache --teacher $(TEACHER_DIR) $(call sets,$(CACHE_KV)) $(ROOT_ARG) --device $(DEVICE)
 
-cache: $(CACHE_DIR)/manifest.json ## dump teacher logits for V recorded views per image (VIEWS=, CODEC=)
+ifeq ($(PLAN),)
+cache: $(CACHE_DIR)/manifest.json ## dump teacher logits for V recorded views per image (VIEWS=, CODEC=, PLAN=1: size only)
+else
+cache: $(STAMP) # PLAN=1: the store's size, layout and per-epoch reads; nothing is dumped, no teacher needed
+	$(VENV)/bin/python -m stages.cli cache --plan --dataset $(DATASET) --imbalance $(IF) \
+	  $(if $(CLASSES),--classes $(CLASSES)) $(call sets,$(CACHE_KV))
+endif
 
 $(STUDENT_DIR)/manifest.json: | $(CACHE_DIR)/manifest.json
 	$(DIVE) student --cache $(CACHE_DIR) $(call sets,$(STUDENT_KV)) $(ROOT_ARG) --device $(DEVICE)
@@ -212,6 +219,10 @@ bench-cache: $(STAMP) $(FMNIST) ## dump vs forward-only images/s, codec fidelity
 
 glyph-study: $(STAMP) $(FONTS) ## glyph-lt: CE, BSCE, DiVE over 3 seeds, a tau x p sweep, report, inspect (resumable; hours)
 	$(PYTHON) scripts/glyph_study.py VENV=$(VENV) RUNS=$(RUNS)
+
+bench-codecs: $(STAMP) $(FONTS) ## codec fidelity on glyph-lt's BSCE cache (made if missing): bytes a view, KL, max |dp|, count error
+	$(MAKE) --no-print-directory cache DATASET=glyph-lt VENV=$(VENV) RUNS=$(RUNS)
+	$(VENV)/bin/python benchmarks/bench_codecs.py --cache $(word 2,$(shell $(PYTHON) -m stages.paths --runs $(RUNS) --dataset glyph-lt))
 
 bench-loader: $(STAMP) $(FMNIST) $(JXL_JPEG) $(OPENCV_JPEG) ## loader alone, step alone and both: overlap efficiency of the synchronous and prefetching paths; dump vs forward
 	$(VENV)/bin/python benchmarks/bench_loader.py

@@ -24,8 +24,8 @@ from pipeline.data.views import P, ViewSpec, view_params
 from pipeline.device import autocast, to_device
 from pipeline.settings import CacheSettings, TeacherSettings
 from pipeline.train.distributed import Dist, barrier, init_from_env
-from store import codecs
 from store.manifest import ArtifactError, check_fingerprint, read_manifest, sha256_file, write_manifest
+from store.plan import plan_store
 from store.prefetch import prefetched
 from store.reader import LogitStore
 from store.writer import Shard, StoreWriter
@@ -38,9 +38,12 @@ def identity(teacher: TeacherSettings, cache: CacheSettings, teacher_sha: str) -
     return {"stage": "cache", "teacher": teacher.identity(), "cache": cache.identity(), "teacher_sha256": teacher_sha}
 
 
-def planned_bytes(n: int, v: int, c: int, codec: str) -> int:
-    """Bytes the store will take: logits by codec, plus float32 view parameters."""
-    return n * v * (codecs.row_bytes(codec, c) + P * 4 + (8 if codec == "int8" else 0))
+def planned_bytes(n: int, v: int, c: int, codec: str, k: int = 0) -> int:
+    """Bytes the store will take (``store.plan``), refusing a K that codec topk cannot store for ``c``."""
+    try:
+        return plan_store(n, v, c, codec, k, P).total_bytes
+    except ValueError as error:
+        raise ArtifactError(f"cache settings: {error}") from None
 
 
 def check_room(out: Path, need: int, log) -> None:
@@ -150,22 +153,23 @@ def run(teacher_dir: Path, out: Path, cache: CacheSettings, data_root: Path | No
     check_fingerprint("dataset sample list", teacher_manifest["inputs"]["train_samples"], source.fingerprint(),
                       f"teacher {teacher_dir} and dataset {teacher.dataset}")
     teacher_sha = sha256_file(teacher_dir / "model.pt")
+    n, c, v = len(source.train), source.num_classes, cache.views
+    need = planned_bytes(n, v, c, cache.codec, cache.k)  # refuses a bad K before the run folder is made
     if prepare_run_dir(out, identity(teacher, cache, teacher_sha)):
         log(f"{out} is complete; nothing to do")
         return out / STORE
-    n, c, v = len(source.train), source.num_classes, cache.views
     experts = teacher.experts  # 0 for a single model
     if cache.expert_logits and not experts:
         raise ArtifactError(f"expert_logits=true needs a RIDE teacher; {teacher_dir} is a single "
                             f"{teacher.model} model. Drop expert_logits or train the teacher with model=ride.")
     if dist.main:
-        need = planned_bytes(n, v, c, cache.codec)
         if cache.expert_logits:
             extra = planned_bytes(n, v, experts * c, cache.codec)
             log(f"cache: per-expert logits of the {experts} experts add {extra / 2**20:,.1f} MiB ({EXPERT_STORE})")
             need += extra
         check_room(out, need, log)
-        log(f"cache: {n:,} images x {v} views of {teacher.dataset}, {c} classes, codec {cache.codec}, "
+        codec = f"topk K={cache.k}" if cache.codec == "topk" else cache.codec
+        log(f"cache: {n:,} images x {v} views of {teacher.dataset}, {c} classes, codec {codec}, "
             f"on {dist.device} x{dist.world}")
     spec = teacher.view_spec()
     attrs = {"recipe": {"teacher": teacher.to_dict(), "cache": cache.to_dict()},
@@ -174,7 +178,8 @@ def run(teacher_dir: Path, out: Path, cache: CacheSettings, data_root: Path | No
              "row_order": "seeded permutation of the training split (pipeline.data.targets.row_order); ids name rows"}
     rows = row_order(n, cache.view_seed)
     labels, ids = source.train.labels[rows], source.train.ids[rows]
-    writer = StoreWriter.create_or_resume(out / STORE, n, v, c, cache.codec, labels, ids, source.class_counts, attrs)
+    writer = StoreWriter.create_or_resume(out / STORE, n, v, c, cache.codec, labels, ids, source.class_counts, attrs,
+                                          k=cache.k)
     expert_writer = None
     if cache.expert_logits:
         expert_writer = StoreWriter.create_or_resume(

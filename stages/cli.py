@@ -50,23 +50,48 @@ def teacher(dataset: str = DatasetOpt, loss: Optional[str] = typer.Option(None, 
 
 
 @app.command()
-def cache(teacher: Path = typer.Option(..., help="the teacher's run folder"),
+def cache(teacher: Optional[Path] = typer.Option(None, help="the teacher's run folder"),
           out: Optional[Path] = typer.Option(None, help="cache folder (default: beside the teacher, named by the "
                                                          "settings)"),
           overrides: Optional[List[str]] = typer.Option(None, "--set", "-s",
-                                                        help="views=V, view_seed=, codec=float16|int8, "
+                                                        help="views=V, view_seed=, codec=float16|int8|topk, topk=K, "
                                                              "expert_logits=, batch_size= (of the dump) ..."),
-          data_root: Optional[Path] = RootOpt, device: str = DeviceOpt) -> None:
+          data_root: Optional[Path] = RootOpt, device: str = DeviceOpt,
+          plan: bool = typer.Option(False, "--plan", help="print the store's size, layout and per-epoch reads, "
+                                                          "and dump nothing (no teacher needed)"),
+          dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="with --plan and no --teacher"),
+          imbalance: float = typer.Option(100, "--imbalance", help="with --plan and no --teacher: IF"),
+          classes: int = typer.Option(0, "--classes", help="with --plan and no --teacher: glyph-lt's C")) -> None:
     """Dump the teacher's raw logits for V recorded views of every training image into a Zarr store."""
     from stages import cache as stage
     from stages.artifacts import teacher_of
 
     try:
+        if plan:
+            _plan_cache(teacher, dataset, imbalance, classes, overrides)
+            return
+        if teacher is None:
+            raise ConfigError("cache needs --teacher (the teacher's run folder), or --plan to only size a store")
         dataset = teacher_of(teacher).dataset
         settings = resolve("cache", dataset, overrides or [])
         stage.run(teacher, out or cache_dir(teacher, settings, dataset), settings, data_root, device)
     except (ConfigError, DataError, ArtifactError) as error:
         _fail(error)
+
+
+def _plan_cache(teacher: Optional[Path], dataset: Optional[str], imbalance: float, classes: int,
+                overrides: Optional[List[str]]) -> None:
+    from stages import cache_plan
+    from stages.artifacts import teacher_of
+
+    if teacher is not None and (teacher / "config.json").is_file():
+        settings = teacher_of(teacher)
+        dataset, imbalance, classes = settings.dataset, settings.imbalance, settings.classes
+    elif dataset is None:
+        raise ConfigError("--plan needs --dataset (or the folder of a teacher that exists, --teacher)")
+    cache = resolve("cache", dataset, overrides or [])
+    for line in cache_plan.describe(dataset, cache_plan.plan_for(dataset, cache, imbalance, classes)):
+        typer.echo(line)
 
 
 @app.command()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.analysis.virtual import flatness, smallest_tau, virtual_counts
+from pipeline.analysis.virtual import count_error_bounds, flatness, smallest_tau, virtual_counts
 from store.manifest import write_json_atomic
 from store.reader import LogitStore
 
@@ -70,6 +70,18 @@ def plot(path: Path, real: np.ndarray, virtual: dict[str, np.ndarray], title: st
     plt.close(fig)
 
 
+def codec_name(store: LogitStore) -> str:
+    return f"topk K={store.k}" if store.codec == "topk" else store.codec
+
+
+def error_line(store: LogitStore, name: str, counts: np.ndarray, bound: np.ndarray) -> str:
+    """What the codec's rounding or truncation can do to the virtual counts at one setting."""
+    worst = int(np.argmax(bound / np.maximum(counts, 1e-12)))
+    return (f"codec {codec_name(store)} at {name}: each virtual count is within {bound.max():.3g} examples of the "
+            f"exact logits' (at most {100 * bound[worst] / max(counts[worst], 1e-12):.3g}% of a class's count, "
+            f"class {worst})")
+
+
 def run(cache_dir: Path, out: Path, settings: list[tuple[float, float]], flatness_target: float | None = None,
         log=print) -> dict:
     """Virtual counts of the cache at each (tau, p) in ``settings``; JSON, PNG and a table."""
@@ -80,9 +92,11 @@ def run(cache_dir: Path, out: Path, settings: list[tuple[float, float]], flatnes
     names = [f"tau {t:g}, p {p:g}" for t, p in settings]
     figures = {"real n_c": flatness(real, real)}
     figures.update({name: flatness(c, real) for name, c in zip(names, counts)})
-    result = {"cache": str(cache_dir), "real_counts": real.tolist(),
-              "settings": [{"tau": t, "power": p, "virtual_counts": c.tolist(), "flatness": figures[n]}
-                           for (t, p), c, n in zip(settings, counts, names)],
+    bounds = count_error_bounds(store, settings, progress_bar)
+    result = {"cache": str(cache_dir), "codec": codec_name(store), "real_counts": real.tolist(),
+              "settings": [{"tau": t, "power": p, "virtual_counts": c.tolist(), "flatness": figures[n],
+                            "count_error_bound": b.tolist()}
+                           for (t, p), c, n, b in zip(settings, counts, names, bounds)],
               "real_flatness": figures["real n_c"]}
     if flatness_target is not None:
         result["smallest_tau"] = {}
@@ -95,5 +109,7 @@ def run(cache_dir: Path, out: Path, settings: list[tuple[float, float]], flatnes
     write_json_atomic(out / "inspect.json", result)
     plot(out / "inspect.png", real, dict(zip(names, counts)), f"virtual example distribution: {cache_dir.name}")
     log(table(figures))
+    for name, c, b in zip(names, counts, bounds):
+        log(error_line(store, name, c, b))
     log(f"wrote {out / 'inspect.json'} and {out / 'inspect.png'}")
     return result

@@ -46,9 +46,10 @@ def teacher_dir_of(cache_config: dict) -> Path:
     return Path(cache_config.get("teacher_dir") or cache_config["teacher"])
 
 
-def open_cache(cache_dir: Path, source) -> LogitStore:
-    """The cache's store, read-only, refused unless it was made from this dataset's training split."""
-    return LogitStore.open(cache_dir / STORE, expect={"samples": source.fingerprint()})
+def open_cache(cache_dir: Path, source, sharpness: float | None = None) -> LogitStore:
+    """The cache's store, read-only, refused unless it was made from this dataset's training split;
+    ``sharpness`` (p / tau) is what a topk store decodes its logits for."""
+    return LogitStore.open(cache_dir / STORE, expect={"samples": source.fingerprint()}, sharpness=sharpness)
 
 
 def identity(student: StudentSettings, cache_config: dict, store: LogitStore) -> dict:
@@ -93,7 +94,7 @@ def run(cache_dir: Path, out: Path, student: StudentSettings, data_root: Path | 
     teacher = settings_of(cache_config, "teacher")
     source = load_source(teacher.dataset, data_root, teacher.imbalance, teacher.classes)
     recipe = defaults_for(teacher.dataset).student  # what the lr and the divergence messages compare against
-    store = open_cache(cache_dir, source)
+    store = open_cache(cache_dir, source, student.power / student.tau)
     ident = identity(student, cache_config, store)
     if prepare_run_dir(out, ident):
         log(f"{out} is complete; nothing to do")

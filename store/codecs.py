@@ -1,4 +1,4 @@
-"""How raw logits are stored: ``float16`` (default) or ``int8``.
+"""How raw logits are stored: ``float16`` (default), ``int8``, or ``topk`` (see ``store.topk``).
 
 float16 keeps ~3 significant decimal digits; decoding gives exactly ``z.astype(float16)``. Logits are
 stored uncompressed: on realistic float16 logits zstd/blosc saved only ~8% of the bytes and cut the read
@@ -16,12 +16,18 @@ distances below it are what matter. The error is |z^ - z| <= step / 2 (plus floa
 (max - min) / 510. We also tried a square-root companded code (finer steps near the max): it cut
 KL(p || p^) at tau = 1 by ~3.6x but raised it ~1.7x at tau = 9, and distillation uses high temperatures,
 so the plain affine code stays.
+
+float16 and int8 decode to the logits themselves. ``topk`` keeps K logits per view and a summary of the rest,
+and decodes to logits that are right for one target sharpness p / tau at a time, so its readers pass one.
 """
 from __future__ import annotations
 
 import numpy as np
 
-CODECS = ("float16", "int8")
+from store import topk
+
+CODECS = ("float16", "int8", "topk")
+DENSE = ("float16", "int8")  # codecs that decode to the logits whatever the sharpness
 
 
 def check(codec: str) -> str:
@@ -31,20 +37,34 @@ def check(codec: str) -> str:
     return codec
 
 
-def stored_arrays(codec: str, c: int) -> dict[str, tuple[str, int]]:
-    """The arrays a codec stores per sample-view: name -> (dtype, last dimension)."""
+def check_k(codec: str, k: int, c: int) -> int:
+    """The K of ``codec`` for ``c`` classes: topk needs 1 <= K < C; the dense codecs take no K (0)."""
+    if check(codec) == "topk":
+        return topk.check_k(k, c)
+    if k:
+        raise ValueError(f"topk={k} applies to codec=topk only; codec {codec} stores every logit")
+    return 0
+
+
+def stored_arrays(codec: str, c: int, k: int = 0) -> dict[str, tuple[str, int]]:
+    """The arrays a codec stores per sample-view: name -> (dtype, last dimension). ``logits`` is the one
+    that is read a view at a time (sharded); the others are small side arrays."""
     if check(codec) == "float16":
         return {"logits": ("float16", c)}
+    if codec == "topk":
+        return {"logits": ("uint16", topk.width(k))}
     return {"logits": ("int8", c), "logit_affine": ("float32", 2)}
 
 
-def row_bytes(codec: str, c: int) -> int:
-    """Bytes stored per sample-view for the logits (the side array of int8 is negligible)."""
-    return c * (2 if check(codec) == "float16" else 1)
+def row_bytes(codec: str, c: int, k: int = 0) -> int:
+    """Bytes of the ``logits`` array per sample-view (int8's 8-byte side array not included)."""
+    if check(codec) == "topk":
+        return topk.row_bytes(k)
+    return c * (2 if codec == "float16" else 1)
 
 
-def encode(z: np.ndarray, codec: str = "float16") -> dict[str, np.ndarray]:
-    """Encode float logits [..., C] into the arrays ``stored_arrays(codec, C)`` names."""
+def encode(z: np.ndarray, codec: str = "float16", k: int = 0) -> dict[str, np.ndarray]:
+    """Encode float logits [..., C] into the arrays ``stored_arrays(codec, C, k)`` names."""
     z = np.asarray(z, dtype=np.float32)
     lo, hi = (z.min(), z.max()) if z.size else (0.0, 0.0)
     if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates through min/max: one cheap pass
@@ -53,6 +73,8 @@ def encode(z: np.ndarray, codec: str = "float16") -> dict[str, np.ndarray]:
         if max(-lo, hi) > np.finfo(np.float16).max:
             raise ValueError("teacher logits exceed the float16 range (|z| > 65504); use another codec")
         return {"logits": z.astype(np.float16)}
+    if codec == "topk":
+        return {"logits": topk.encode(z, k)}
     return _encode_int8(z)
 
 
@@ -68,10 +90,17 @@ def _encode_int8(z: np.ndarray) -> dict[str, np.ndarray]:
     return {"logits": levels.astype(np.int8), "logit_affine": np.stack([top, step], axis=-1)}
 
 
-def decode(parts: dict[str, np.ndarray], codec: str = "float16") -> np.ndarray:
-    """Decode stored arrays back to float32 logits [..., C]."""
+def decode(parts: dict[str, np.ndarray], codec: str = "float16", c: int = 0, k: int = 0,
+           sharpness: float | None = None) -> np.ndarray:
+    """Decode stored arrays back to float32 logits [..., C]. topk needs ``c``, ``k`` and the sharpness
+    p / tau of the targets that will be made from the logits (see ``store.topk``)."""
     if check(codec) == "float16":
         return parts["logits"].astype(np.float32)
+    if codec == "topk":
+        if sharpness is None:
+            raise ValueError("a topk store decodes to logits for one target sharpness p / tau; pass sharpness= "
+                             "(LogitStore.open(..., sharpness=power / tau))")
+        return topk.decode(parts["logits"], k, c, sharpness)
     affine = parts["logit_affine"]
     top, step = affine[..., 0:1], affine[..., 1:2]
     return top - (np.float32(127) - parts["logits"].astype(np.float32)) * step

@@ -29,9 +29,10 @@ Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 class LogitStore:
     """A complete logit store opened read-only. Only the small per-sample arrays are held in memory."""
 
-    def __init__(self, path: Path, attrs: dict):
+    def __init__(self, path: Path, attrs: dict, sharpness: float | None = None):
         self.path = path
         self.attrs = attrs
+        self.sharpness = sharpness  # p / tau of the targets to be made; needed by codec topk only
         self.layout = Layout(**attrs["layout"])
         group = zarr.open_group(str(path), mode="r")
         self._arrays = {name: group[name] for name in data_arrays(self.layout)}
@@ -40,9 +41,11 @@ class LogitStore:
         self.class_counts = group["class_counts"][:]
 
     @classmethod
-    def open(cls, path: str | os.PathLike, expect: dict[str, str] | None = None) -> "LogitStore":
+    def open(cls, path: str | os.PathLike, expect: dict[str, str] | None = None,
+             sharpness: float | None = None) -> "LogitStore":
         """Open the store at ``path``, refusing (ArtifactError) a store that is missing, of another format
-        version, incomplete, or whose fingerprints differ from ``expect`` (name -> sha256)."""
+        version, incomplete, or whose fingerprints differ from ``expect`` (name -> sha256). ``sharpness``
+        (p / tau) is what a topk store decodes for; the dense codecs ignore it."""
         path = Path(path)
         attrs = open_attrs(path)
         check_format(path, attrs)
@@ -53,13 +56,14 @@ class LogitStore:
         found = attrs.get("fingerprints", {})
         for name, value in (expect or {}).items():
             check_fingerprint(name, value, found.get(name, "<none>"), str(path))
-        return cls(path, attrs)
+        return cls(path, attrs, sharpness)
 
     n = property(lambda self: self.layout.n, doc="number of samples")
     v = property(lambda self: self.layout.v, doc="views per sample")
     c = property(lambda self: self.layout.c, doc="classes")
     p = property(lambda self: self.layout.p, doc="parameters per view")
-    codec = property(lambda self: self.layout.codec, doc="logit codec: float16 or int8")
+    codec = property(lambda self: self.layout.codec, doc="logit codec: float16, int8 or topk")
+    k = property(lambda self: self.layout.k, doc="logits kept per view by codec topk (0: all)")
     chunk = property(lambda self: self.layout.chunk, doc="samples per inner chunk")
     fingerprints = property(lambda self: dict(self.attrs["fingerprints"]), doc="input fingerprints")
 
@@ -85,6 +89,15 @@ class LogitStore:
     def read_rows(self, start: int, stop: int, view: int) -> tuple[np.ndarray, np.ndarray]:
         """Decoded logits float32 [stop - start, C] and params [stop - start, P] of one view."""
         return self._decode(self._read_raw(start, stop, view))
+
+    def read_stored(self, start: int, stop: int, view: int) -> dict[str, np.ndarray]:
+        """The stored arrays of rows [start, stop) of one view, still encoded (name -> array)."""
+        return self._read_raw(start, stop, view)
+
+    def decode(self, parts: dict[str, np.ndarray], sharpness: float | None = None) -> np.ndarray:
+        """float32 logits [..., C] of stored ``parts``, for ``sharpness`` (default: the store's own)."""
+        sharpness = self.sharpness if sharpness is None else sharpness
+        return codecs.decode(parts, self.codec, self.c, self.k, sharpness)
 
     def stream(self, epoch: int, seed: int, batch_size: int, rank: int = 0, world: int = 1,
                prefetch: int = 2, window: int = 4, workers: int = 4) -> Iterator[Batch]:
@@ -129,7 +142,7 @@ class LogitStore:
         return self._read_raw(c * self.chunk, min(self.n, (c + 1) * self.chunk), view)
 
     def _decode(self, parts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        return codecs.decode(parts, self.codec), parts["params"]
+        return self.decode(parts), parts["params"]
 
     def _gather(self, held: dict, index: np.ndarray) -> dict[str, np.ndarray]:
         """The stored rows of ``index`` from the held chunks, still encoded: decoding after the gather

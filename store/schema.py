@@ -2,7 +2,8 @@
 
 Arrays (N samples, V views per sample, C classes, P view parameters):
 
-    logits        [N, V, C]  float16, or int8 with ``logit_affine`` [N, V, 2] float32 (see ``store.codecs``)
+    logits        [N, V, C]  float16, or int8 with ``logit_affine`` [N, V, 2] float32, or
+                  [N, V, 2K + 10] uint16 records of codec topk (see ``store.codecs``, ``store.topk``)
     params        [N, V, P]  float32: x0, y0, w, h, flip, brightness, contrast, saturation
     labels        [N]        int64
     ids           [N]        int64   (the dataset's id of each stored row)
@@ -49,10 +50,13 @@ REQUIRED_ATTRS = ("recipe", "view_spec", "fingerprints")
 # MAX_SHARD_BYTES bounds a shard when V is large (V = 200 views of C = 8142 would otherwise be 800 MB), and
 # MAX_CHUNK_SAMPLES keeps small-C stores (C = 10: 20-byte rows) in several chunks, so the epoch order
 # still shuffles chunks and several ranks get shards to write.
-# The small side arrays (params, logit_affine: 8 and 2 floats per view) are not sharded: one plain chunk
-# per writer shard, (shard, V, width), holds all views of a shard's samples (64 KB at iNaturalist). Reading
-# all V views costs more bytes than one, but it is one read instead of the two of a shard (measured 0.54
-# against 1.1 ms), and bytes of params are negligible next to the logits.
+# The small side arrays (params, logit_affine: 8 and 2 floats per view) are not sharded where their bytes are
+# negligible next to the logits: one plain chunk per writer shard, (shard, V, width), holds all views of a
+# shard's samples (64 KB at iNaturalist). Reading all V views costs more bytes than one, but it is one read
+# instead of the two of a shard (measured 0.54 against 1.1 ms). Where reading all V views of them would cost
+# more bytes than the one view of logits they serve (V * side > logits row: many views, few classes, or codec
+# topk), they are sharded like the logits instead (``side_per_view``): at iNaturalist, V = 90 and topk K = 100,
+# all views of the params were 1.2 of a student epoch's 1.3 GiB of reads.
 CHUNK_TARGET_BYTES = 4 << 20
 MAX_SHARD_BYTES = 64 << 20
 MAX_CHUNK_SAMPLES = 256
@@ -68,22 +72,31 @@ class Layout:
     codec: str
     chunk: int
     shard: int
+    k: int = 0  # logits kept per view by codec topk (0 for the dense codecs; absent from older stores)
+    side_per_view: bool = False  # side arrays chunked a view at a time like the logits (see above)
 
     @classmethod
     def choose(cls, n: int, v: int, c: int, p: int, codec: str, chunk: int | None = None,
-               shard: int | None = None) -> "Layout":
+               shard: int | None = None, k: int = 0) -> "Layout":
         """The default layout for these sizes (see the chunking comment above), or the one given."""
         for name, value in (("n", n), ("v", v), ("c", c), ("p", p)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        row = codecs.row_bytes(codec, c)
+        k = codecs.check_k(codec, k, c)
+        row = codecs.row_bytes(codec, c, k)
         if chunk is None:
             fit = min(CHUNK_TARGET_BYTES // row, MAX_SHARD_BYTES // (row * v), MAX_CHUNK_SAMPLES)
             chunk = 1 << max(0, int(fit).bit_length() - 1)  # largest power of two <= fit
         shard = chunk if shard is None else shard
         if chunk < 1 or shard % chunk:
             raise ValueError(f"shard ({shard}) must be a positive multiple of chunk ({chunk})")
-        return cls(int(n), int(v), int(c), int(p), codec, int(chunk), int(shard))
+        stored = codecs.stored_arrays(codec, c, k)
+        side = sum(np.dtype(dtype).itemsize * width for name, (dtype, width) in stored.items() if name != "logits") + 4 * p
+        return cls(int(n), int(v), int(c), int(p), codec, int(chunk), int(shard), k, bool(v * side > row))
+
+    def per_view(self, name: str) -> bool:
+        """Whether array ``name`` is sharded and chunked a view at a time (else one chunk per shard)."""
+        return name == "logits" or self.side_per_view
 
     @property
     def n_shards(self) -> int:
@@ -117,7 +130,7 @@ def create_arrays(group: zarr.Group, layout: Layout, labels: np.ndarray, ids: np
     """Create the data arrays (empty) and write the small per-sample and per-class arrays."""
     for name, (dtype, width) in data_arrays(layout).items():
         shape = (layout.n, layout.v, width)
-        if name == "logits":
+        if layout.per_view(name):
             group.create_array(name, shape=shape, dtype=dtype, chunks=(layout.chunk, 1, width),
                                shards=(layout.shard, layout.v, width), compressors=None, fill_value=0)
         else:
@@ -133,7 +146,7 @@ def create_arrays(group: zarr.Group, layout: Layout, labels: np.ndarray, ids: np
 
 def data_arrays(layout: Layout) -> dict[str, tuple[str, int]]:
     """The per-sample-view arrays: name -> (dtype, last dimension)."""
-    arrays = dict(codecs.stored_arrays(layout.codec, layout.c))
+    arrays = dict(codecs.stored_arrays(layout.codec, layout.c, layout.k))
     arrays["params"] = ("float32", layout.p)
     return arrays
 

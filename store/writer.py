@@ -54,7 +54,7 @@ class StoreWriter:
     def create_or_resume(cls, path: str | os.PathLike, n: int, v: int, c: int, codec: str,
                          labels: np.ndarray, ids: np.ndarray, class_counts: np.ndarray, attrs: dict,
                          p: int = 8, *, chunk: int | None = None, shard: int | None = None,
-                         queue_size: int = 2) -> "StoreWriter":
+                         queue_size: int = 2, k: int = 0) -> "StoreWriter":
         """Create the store at ``path``, or reopen an incomplete one made with the same inputs.
 
         ``attrs`` must hold ``recipe``, ``view_spec`` and ``fingerprints`` (a dict); other keys are stored
@@ -64,7 +64,7 @@ class StoreWriter:
         place, so exactly one rank creates it and the others resume it.
         """
         path = Path(path)
-        layout = Layout.choose(n, v, c, p, codecs.check(codec), chunk, shard)
+        layout = Layout.choose(n, v, c, p, codecs.check(codec), chunk, shard, k)
         wanted = user_attrs(attrs)
         if not (path / "zarr.json").is_file():
             _create_atomically(path, layout, wanted, labels, ids, class_counts)
@@ -151,7 +151,7 @@ class StoreWriter:
                  for name, array in self._arrays.items()]
         for file in files:  # a killed earlier attempt may have left half a shard; start from nothing
             file.unlink(missing_ok=True)
-        parts = codecs.encode(logits, self.layout.codec)
+        parts = codecs.encode(logits, self.layout.codec, self.layout.k)
         parts["params"] = params
         for name, array in self._arrays.items():
             array[start:stop] = parts[name]
@@ -196,9 +196,9 @@ def _check_resumable(path: Path, layout: Layout, attrs: dict, meta: dict, explic
     if is_complete(path):
         raise ArtifactError(f"{path} is already a complete logit store; it is never reopened for writing. "
                             f"Read it with LogitStore.open, or delete it to dump again.")
-    have = stored["layout"]
+    have = {"k": 0, **stored["layout"]}  # stores from before codec topk have no k
     chunking = [key for key, given in zip(("chunk", "shard"), explicit_chunking) if given]
-    for key in ["n", "v", "c", "p", "codec", *chunking]:
+    for key in ["n", "v", "c", "p", "codec", "k", *chunking]:
         if have[key] != getattr(layout, key):
             _differs(path, key, have[key], getattr(layout, key))
     have_fp, want_fp = stored["fingerprints"], attrs["fingerprints"]

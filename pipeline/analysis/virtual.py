@@ -12,6 +12,10 @@ import math
 import numpy as np
 
 from pipeline.data.sources.base import class_groups
+from store import codecs, topk
+
+FLOAT16_RELATIVE = 2.0 ** -11  # float16 rounds a normal number to within this fraction of itself
+FLOAT16_ABSOLUTE = 2.0 ** -25  # and a subnormal one to within this
 
 
 def soft_targets_np(z: np.ndarray, tau: float, power: float) -> np.ndarray:
@@ -26,15 +30,55 @@ def virtual_counts(store, settings: list[tuple[float, float]], progress=None) ->
     """V_c for every (tau, p) in ``settings``: float64 [len(settings), C], streaming the store chunk by chunk
     (one view of ``chunk`` samples at a time, so memory stays bounded whatever the store's size)."""
     sums = np.zeros((len(settings), store.c), dtype=np.float64)
-    steps = [(start, min(start + store.chunk, store.n), view)
-             for start in range(0, store.n, store.chunk) for view in range(store.v)]
+    steps = _steps(store)
     for k, (start, stop, view) in enumerate(steps):
-        z, _ = store.read_rows(start, stop, view)
+        parts = store.read_stored(start, stop, view)
         for j, (tau, power) in enumerate(settings):
-            sums[j] += soft_targets_np(z, tau, power).sum(axis=0)
+            sums[j] += soft_targets_np(store.decode(parts, power / tau), tau, power).sum(axis=0)
         if progress:
             progress(k + 1, len(steps))
     return sums / store.v
+
+
+def _steps(store) -> list[tuple[int, int, int]]:
+    """(start, stop, view) of every inner chunk of the store, in storage order."""
+    return [(start, min(start + store.chunk, store.n), view)
+            for start in range(0, store.n, store.chunk) for view in range(store.v)]
+
+
+def count_error_bounds(store, settings: list[tuple[float, float]], progress=None) -> np.ndarray:
+    """A bound on |V_c - V_c(exact logits)| per class that the store's codec implies, for every (tau, p) in
+    ``settings``: float64 [len(settings), C].
+
+    Dense codecs: a decoded logit is within e of the teacher's (int8: step / 2 of its row; float16: its
+    rounding), so each target is within a factor exp(+-2 * beta * e) of the exact one. topk: a tail class's
+    target lies in [0, t_K] decoded and exact alike, so each view adds t_K to the bound of every class outside
+    its top K; the top K are counted exact (the interpolated tail mass also rescales them slightly, by at most
+    the 0.004 of tail share measured in ``store.topk``; not included).
+    """
+    sums = np.zeros((len(settings), store.c), dtype=np.float64)
+    steps = _steps(store)
+    for k, (start, stop, view) in enumerate(steps):
+        parts = store.read_stored(start, stop, view)
+        for j, (tau, power) in enumerate(settings):
+            sums[j] += _chunk_bound(store, parts, power / tau, tau, power)
+        if progress:
+            progress(k + 1, len(steps))
+    return sums / store.v
+
+
+def _chunk_bound(store, parts: dict, beta: float, tau: float, power: float) -> np.ndarray:
+    if store.codec == "topk":
+        t_k = topk.top_target(parts["logits"], store.k, store.c, beta)
+        bound = np.repeat(t_k[:, None], store.c, axis=1)
+        np.put_along_axis(bound, topk.split(parts["logits"], store.k)[1], 0.0, axis=1)
+        return bound.sum(axis=0)
+    z = store.decode(parts)
+    if store.codec == "int8":
+        err = codecs.int8_error_bound(parts).astype(np.float64)
+    else:
+        err = FLOAT16_RELATIVE * np.abs(z).max(axis=-1) + FLOAT16_ABSOLUTE
+    return (soft_targets_np(z, tau, power) * np.expm1(2 * beta * err)[:, None]).sum(axis=0)
 
 
 def flatness(counts: np.ndarray, train_counts: np.ndarray) -> dict[str, float]:
