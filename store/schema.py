@@ -91,7 +91,8 @@ class Layout:
         if chunk < 1 or shard % chunk:
             raise ValueError(f"shard ({shard}) must be a positive multiple of chunk ({chunk})")
         stored = codecs.stored_arrays(codec, c, k)
-        side = sum(np.dtype(dtype).itemsize * width for name, (dtype, width) in stored.items() if name != "logits") + 4 * p
+        side = 4 * p + sum(np.dtype(dtype).itemsize * width for name, (dtype, width) in stored.items()
+                           if name != "logits")
         return cls(int(n), int(v), int(c), int(p), codec, int(chunk), int(shard), k, bool(v * side > row))
 
     def per_view(self, name: str) -> bool:
