@@ -113,7 +113,7 @@ FONT_PACKAGES := fonts-noto-cjk fonts-arphic-ukai fonts-arphic-uming fonts-ipafo
 EMBEDDED := $(if $(filter fmnist-lt,$(DATASET)),$(FMNIST))$(if $(filter glyph-lt,$(DATASET)),$(FONTS))
 DATA_DEP := $(if $(DATA_ROOT),,$(EMBEDDED))
 
-.PHONY: help plan install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-codecs bench-loader bench-student rehearsal glyph-study gpu-check clean-venv
+.PHONY: help plan install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-codecs bench-loader bench-student rehearsal glyph-study views-study gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -223,6 +223,9 @@ glyph-study: $(STAMP) $(FONTS) ## glyph-lt: CE, BSCE, DiVE over 3 seeds, a tau x
 bench-codecs: $(STAMP) $(FONTS) ## codec fidelity on glyph-lt's BSCE cache (made if missing): bytes a view, KL, max |dp|, count error
 	$(MAKE) --no-print-directory cache DATASET=glyph-lt VENV=$(VENV) RUNS=$(RUNS)
 	$(VENV)/bin/python benchmarks/bench_codecs.py --cache $(word 2,$(shell $(PYTHON) -m stages.paths --runs $(RUNS) --dataset glyph-lt))
+
+views-study: $(STAMP) $(FMNIST) $(FONTS) ## students from caches of V = 1..epochs views against online, 3 seeds at V = 8, epochs, online (resumable; hours)
+	$(PYTHON) scripts/views_study.py --dataset $(DATASET) VENV=$(VENV) RUNS=$(RUNS)
 
 bench-loader: $(STAMP) $(FMNIST) $(JXL_JPEG) $(OPENCV_JPEG) ## loader alone, step alone and both: overlap efficiency of the synchronous and prefetching paths; dump vs forward
 	$(VENV)/bin/python benchmarks/bench_loader.py
