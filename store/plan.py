@@ -1,8 +1,8 @@
 """What a logit store of given sizes will take, before anything is dumped: its layout, the exact bytes of its
 chunk files, and what one student epoch reads.
 
-zarr writes every chunk at its full shape, the edge chunks included, and stores them uncompressed here, so the
-chunk files' sizes follow from the layout alone:
+zarr writes every chunk at its full shape, the edge chunks included, and stores them uncompressed here with a
+4-byte crc32c after each chunk, so the chunk files' sizes follow from the layout alone:
 
 - a sharded array (``logits``, and the side arrays where ``Layout.side_per_view``) is one file per shard:
   ``shard x V x width`` values, then the shard index, 16 bytes per inner chunk (offset and length) and a
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from store import codecs
-from store.schema import Layout
+from store.schema import CHECKSUM_BYTES, Layout
 
 INDEX_ENTRY = 16  # bytes per inner chunk in a shard index (uint64 offset, uint64 length)
 INDEX_CHECKSUM = 4  # crc32c of the shard index
@@ -62,12 +62,13 @@ def plan_store(n: int, v: int, c: int, codec: str, k: int = 0, p: int = 8, chunk
         item = np.dtype(dtype).itemsize
         if layout.per_view(name):
             index = inner * INDEX_ENTRY + INDEX_CHECKSUM
-            sizes[name] = rows * v * width * item + layout.n_shards * index
+            chunks = layout.n_shards * inner
+            sizes[name] = rows * v * width * item + chunks * CHECKSUM_BYTES + layout.n_shards * index
             # an epoch reads one view of every chunk, and each read fetches its shard's index first
-            epoch += rows * width * item + (rows // layout.chunk) * index
+            epoch += rows * width * item + (rows // layout.chunk) * (CHECKSUM_BYTES + index)
         else:
-            sizes[name] = rows * v * width * item
+            sizes[name] = rows * v * width * item + layout.n_shards * CHECKSUM_BYTES
             epoch += sizes[name]  # the side arrays are read whole, all V views of a chunk at once
-    sizes["labels"] = sizes["ids"] = 8 * n
-    sizes["class_counts"] = 8 * c
+    sizes["labels"] = sizes["ids"] = 8 * n + CHECKSUM_BYTES
+    sizes["class_counts"] = 8 * c + CHECKSUM_BYTES
     return StorePlan(layout, sizes, epoch)

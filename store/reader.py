@@ -21,9 +21,29 @@ from store import codecs
 from store.manifest import ArtifactError, check_fingerprint
 from store.order import chunk_plan, chunked_order, view_for_epoch
 from store.prefetch import prefetched
-from store.schema import Layout, check_format, data_arrays, is_complete, open_attrs
+from store.schema import META_ARRAYS, Layout, check_format, data_arrays, is_complete, open_attrs
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+class DamagedChunk(ArtifactError):
+    """A stored chunk whose crc32c does not match its bytes: ``array``, the chunk's sample ``rows`` [start,
+    stop), its ``view`` (None: a chunk holding every view) and the writer ``shard`` it belongs to."""
+
+    def __init__(self, path: Path, array: str, rows: tuple[int, int], view: int | None, shard: int | None):
+        self.path, self.array, self.rows, self.view, self.shard = path, array, rows, view, shard
+        where = f"view {view}" if view is not None else "all views"
+        what = f"shard {shard}" if shard is not None else f"the {array} array"
+        super().__init__(
+            f"{path}: a damaged chunk of {array!r}: sample rows {rows[0]}..{rows[1] - 1}, {where} ({what}); its "
+            f"crc32c does not match its bytes, so the disk or a copy changed it. Repair the cache: "
+            f"`make cache REPAIR=1` (or `dive cache --teacher TEACHER --repair`) checks every chunk and re-dumps "
+            f"only the damaged shards; `make verify` lists every damaged chunk.")
+
+
+def is_checksum_error(error: BaseException) -> bool:
+    """zarr's crc32c codec raises a plain ValueError on a mismatch; this tells it from other ValueErrors."""
+    return isinstance(error, ValueError) and "checksum" in str(error)
 
 
 class LogitStore:
@@ -36,9 +56,16 @@ class LogitStore:
         self.layout = Layout(**attrs["layout"])
         group = zarr.open_group(str(path), mode="r")
         self._arrays = {name: group[name] for name in data_arrays(self.layout)}
-        self.labels = group["labels"][:]
-        self.ids = group["ids"][:]
-        self.class_counts = group["class_counts"][:]
+        self.labels, self.ids, self.class_counts = (self._whole(group, name) for name in META_ARRAYS)
+
+    def _whole(self, group: zarr.Group, name: str) -> np.ndarray:
+        try:
+            return group[name][:]
+        except ValueError as error:
+            if not is_checksum_error(error):
+                raise
+            size = self.layout.c if name == "class_counts" else self.layout.n
+            raise DamagedChunk(self.path, name, (0, size), None, None) from error
 
     @classmethod
     def open(cls, path: str | os.PathLike, expect: dict[str, str] | None = None,
@@ -136,7 +163,37 @@ class LogitStore:
         return prefetched(produce, prefetch, name="store")
 
     def _read_raw(self, start: int, stop: int, view: int) -> dict[str, np.ndarray]:
-        return {name: array[start:stop, view] for name, array in self._arrays.items()}
+        out = {}
+        for name, array in self._arrays.items():
+            try:
+                out[name] = array[start:stop, view]
+            except ValueError as error:
+                if not is_checksum_error(error):
+                    raise
+                raise self.damaged(name, start, stop, view) from error
+        return out
+
+    def chunk_rows(self, name: str, start: int) -> tuple[int, int, bool]:
+        """The sample rows [first, stop) of the stored chunk of ``name`` that holds row ``start``, and whether
+        that chunk holds one view (else all views)."""
+        size = self.chunk if self.layout.per_view(name) else self.layout.shard
+        first = start // size * size
+        return first, min(self.n, first + size), self.layout.per_view(name)
+
+    def damaged(self, name: str, start: int, stop: int, view: int) -> DamagedChunk:
+        """The first damaged chunk of ``name`` among rows [start, stop) of ``view``, found chunk by chunk."""
+        array, row = self._arrays[name], start
+        while row < stop:
+            first, end, one_view = self.chunk_rows(name, row)
+            try:
+                array[first:end, view]
+            except ValueError as error:
+                if is_checksum_error(error):
+                    return DamagedChunk(self.path, name, (first, end), view if one_view else None,
+                                        first // self.layout.shard)
+                raise
+            row = end
+        return DamagedChunk(self.path, name, (start, stop), view, start // self.layout.shard)
 
     def _read_chunk(self, c: int, view: int) -> dict[str, np.ndarray]:
         return self._read_raw(c * self.chunk, min(self.n, (c + 1) * self.chunk), view)
