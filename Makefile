@@ -33,6 +33,8 @@ VIEWS     ?=
 CODEC     ?=
 CACHE_SET ?=
 PLAN      ?=
+REPAIR    ?=
+REPLAY    ?=
 # --- student ---
 TAU             ?=
 POWER           ?=
@@ -113,7 +115,7 @@ FONT_PACKAGES := fonts-noto-cjk fonts-arphic-ukai fonts-arphic-uming fonts-ipafo
 EMBEDDED := $(if $(filter fmnist-lt,$(DATASET)),$(FMNIST))$(if $(filter glyph-lt,$(DATASET)),$(FONTS))
 DATA_DEP := $(if $(DATA_ROOT),,$(EMBEDDED))
 
-.PHONY: help plan install test teacher cache student sweep report inspect flatness tsne samples shift-eval bench-cache bench-codecs bench-loader bench-student rehearsal glyph-study views-study gpu-check clean-venv
+.PHONY: help plan install test teacher cache student sweep report verify inspect flatness tsne samples shift-eval bench-cache bench-codecs bench-loader bench-student rehearsal glyph-study views-study gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -164,8 +166,11 @@ teacher: $(TEACHER_DIR)/manifest.json ## train the teacher (Balanced Softmax; LO
 $(CACHE_DIR)/manifest.json: | $(TEACHER_DIR)/manifest.json
 	$(DIVE) cache --teacher $(TEACHER_DIR) $(call sets,$(CACHE_KV)) $(ROOT_ARG) --device $(DEVICE)
 
-ifeq ($(PLAN),)
-cache: $(CACHE_DIR)/manifest.json ## dump teacher logits for V recorded views per image (VIEWS=, CODEC=, PLAN=1: size only)
+ifneq ($(REPAIR),)
+cache: | $(TEACHER_DIR)/manifest.json # REPAIR=1: check every chunk, re-dump the damaged shards
+	$(DIVE) cache --teacher $(TEACHER_DIR) $(call sets,$(CACHE_KV)) $(ROOT_ARG) --device $(DEVICE) --repair
+else ifeq ($(PLAN),)
+cache: $(CACHE_DIR)/manifest.json ## dump teacher logits for V recorded views per image (VIEWS=, CODEC=, PLAN=1: size only, REPAIR=1)
 else
 cache: $(STAMP) # PLAN=1: the store's size, layout and per-epoch reads; nothing is dumped, no teacher needed
 	$(VENV)/bin/python -m stages.cli cache --plan --dataset $(DATASET) --imbalance $(IF) \
@@ -182,6 +187,10 @@ sweep: | $(CACHE_DIR)/manifest.json ## train students over TAUS x POWERS x SEEDS
 	  $(MAKE) --no-print-directory student TAU=$$tau POWER=$$p STUDENT_SEED=$$seed || exit 1; \
 	done; done; done
 	$(MAKE) --no-print-directory report
+
+verify: $(STAMP) ## check the cache: completeness, every chunk's crc32c, metadata, fingerprints (REPLAY=K: rerun K views)
+	$(VENV)/bin/python -m stages.cli verify --cache $(CACHE_DIR) $(if $(REPLAY),--replay $(REPLAY)) $(ROOT_ARG) \
+	  --device $(DEVICE)
 
 inspect: | $(CACHE_DIR)/manifest.json ## virtual example distributions of the cache at AT="tau,p ..." (FLATNESS=)
 	$(DIVE) inspect --cache $(CACHE_DIR) $(foreach a,$(AT),--at $(a)) $(if $(FLATNESS),--flatness $(FLATNESS))

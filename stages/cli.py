@@ -61,7 +61,9 @@ def cache(teacher: Optional[Path] = typer.Option(None, help="the teacher's run f
                                                           "and dump nothing (no teacher needed)"),
           dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="with --plan and no --teacher"),
           imbalance: float = typer.Option(100, "--imbalance", help="with --plan and no --teacher: IF"),
-          classes: int = typer.Option(0, "--classes", help="with --plan and no --teacher: glyph-lt's C")) -> None:
+          classes: int = typer.Option(0, "--classes", help="with --plan and no --teacher: glyph-lt's C"),
+          repair: bool = typer.Option(False, "--repair", help="check every chunk's checksum first and re-dump the "
+                                                              "shards holding a damaged one")) -> None:
     """Dump the teacher's raw logits for V recorded views of every training image into a Zarr store."""
     from stages import cache as stage
     from stages.artifacts import teacher_of
@@ -74,7 +76,7 @@ def cache(teacher: Optional[Path] = typer.Option(None, help="the teacher's run f
             raise ConfigError("cache needs --teacher (the teacher's run folder), or --plan to only size a store")
         dataset = teacher_of(teacher).dataset
         settings = resolve("cache", dataset, overrides or [])
-        stage.run(teacher, out or cache_dir(teacher, settings, dataset), settings, data_root, device)
+        stage.run(teacher, out or cache_dir(teacher, settings, dataset), settings, data_root, device, repair=repair)
     except (ConfigError, DataError, ArtifactError) as error:
         _fail(error)
 
@@ -116,6 +118,22 @@ def student(cache_folder: Path = typer.Option(..., "--cache", help="the cache's 
         stage.run(cache_folder, out or student_dir(cache_folder, settings, dataset), settings, data_root, device)
     except (ConfigError, DataError, ArtifactError, *RUN_ERRORS) as error:
         _fail(error)
+
+
+@app.command()
+def verify(cache_folder: Path = typer.Option(..., "--cache", help="the cache's folder"),
+           replay: int = typer.Option(0, "--replay", help="also run the teacher on this many random (sample, view) "
+                                                          "pairs and compare with the stored logits"),
+           data_root: Optional[Path] = RootOpt, device: str = DeviceOpt) -> None:
+    """Check a cache: completeness, every chunk's checksum, shapes and metadata, fingerprints (PASS or FAIL)."""
+    from stages import verify as stage
+
+    try:
+        passed = stage.run(cache_folder, replay, data_root, device)
+    except (ConfigError, DataError, ArtifactError) as error:
+        _fail(error)
+    if not passed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -25,7 +25,7 @@ OWNER = {
     "TEACHER_BATCH": ("teacher", "64"), "TEACHER_MODEL": ("teacher", "ride"),
     "TEACHER_EXPERTS": ("teacher", "3"), "TEACHER_SET": ("teacher", "gamma=0.1"),
     "VIEWS": ("cache", "8"), "CODEC": ("cache", "int8"), "CACHE_SET": ("cache", "view_seed=3"),
-    "PLAN": ("elsewhere", "1"),
+    "PLAN": ("elsewhere", "1"), "REPAIR": ("elsewhere", "1"), "REPLAY": ("elsewhere", "64"),
     "TAU": ("student", "6"), "POWER": ("student", "1"), "ALPHA": ("student", "0.3"), "MODE": ("student", "online"),
     "STUDENT_SEED": ("student", "2"), "STUDENT_EPOCHS": ("student", "7"), "STUDENT_LR": ("student", "0.05"),
     "STUDENT_BATCH": ("student", "64"), "STUDENT_MODEL": ("student", "ride"), "STUDENT_EXPERTS": ("student", "3"),
