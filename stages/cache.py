@@ -24,11 +24,12 @@ from pipeline.data.views import P, ViewSpec, view_params
 from pipeline.device import autocast, to_device
 from pipeline.settings import CacheSettings, TeacherSettings
 from pipeline.train.distributed import Dist, barrier, init_from_env
-from store.manifest import ArtifactError, check_fingerprint, read_manifest, sha256_file, write_manifest
+from store.lock import DumpLock
+from store.manifest import MANIFEST, ArtifactError, check_fingerprint, read_manifest, sha256_file, write_manifest
 from store.plan import plan_store
 from store.prefetch import prefetched
 from store.reader import LogitStore
-from store.writer import Shard, StoreWriter
+from store.writer import Shard, StoreWriter, invalidate_damaged
 
 from .artifacts import EXPERT_STORE, STORE, load_teacher, prepare_run_dir, runtime_record, teacher_of
 
@@ -144,8 +145,11 @@ def dump(spec: ViewSpec, cache: CacheSettings, model, executor, writer: StoreWri
 
 
 def run(teacher_dir: Path, out: Path, cache: CacheSettings, data_root: Path | None = None,
-        device: str = "auto", log=print) -> Path:
-    """Dump the teacher's logits for V views of every training image into ``out / logits.zarr``."""
+        device: str = "auto", log=print, repair: bool = False) -> Path:
+    """Dump the teacher's logits for V views of every training image into ``out / logits.zarr``. With
+    ``repair``, first check every chunk of an existing store and re-dump the shards whose checksum fails.
+
+    One dump at a time: the main rank holds ``out/dump.lock`` (``store.lock``) while the store is written."""
     dist = init_from_env(device)
     teacher = teacher_of(teacher_dir)
     teacher_manifest = read_manifest(teacher_dir, "teacher")
@@ -155,9 +159,30 @@ def run(teacher_dir: Path, out: Path, cache: CacheSettings, data_root: Path | No
     teacher_sha = sha256_file(teacher_dir / "model.pt")
     n, c, v = len(source.train), source.num_classes, cache.views
     need = planned_bytes(n, v, c, cache.codec, cache.k)  # refuses a bad K before the run folder is made
+    rows = row_order(n, cache.view_seed)
+    labels, ids = source.train.labels[rows], source.train.ids[rows]
+    lock = DumpLock(out)
+    if dist.main and (out / STORE / "zarr.json").is_file():
+        lock.acquire()  # before anything is checked or changed: a dump may be writing it
+        if repair and invalidate_damaged(out / STORE, {"labels": labels, "ids": ids,
+                                                       "class_counts": source.class_counts}, log):
+            (out / MANIFEST).unlink(missing_ok=True)
+    barrier(dist)  # every rank sees the repaired state before it decides whether there is work
     if prepare_run_dir(out, identity(teacher, cache, teacher_sha)):
+        lock.release()
         log(f"{out} is complete; nothing to do")
         return out / STORE
+    if dist.main and not lock.held:
+        lock.acquire()
+    try:
+        return _dump_store(teacher_dir, out, cache, teacher, source, teacher_sha, rows, labels, ids, need, dist, log)
+    finally:
+        lock.release()
+
+
+def _dump_store(teacher_dir: Path, out: Path, cache: CacheSettings, teacher, source, teacher_sha: str,
+                rows: np.ndarray, labels: np.ndarray, ids: np.ndarray, need: int, dist: Dist, log) -> Path:
+    n, c, v = len(source.train), source.num_classes, cache.views
     experts = teacher.experts  # 0 for a single model
     if cache.expert_logits and not experts:
         raise ArtifactError(f"expert_logits=true needs a RIDE teacher; {teacher_dir} is a single "
@@ -176,8 +201,6 @@ def run(teacher_dir: Path, out: Path, cache: CacheSettings, data_root: Path | No
              "view_spec": dataclasses.asdict(spec), "view_seed": cache.view_seed,
              "fingerprints": fingerprints(teacher_sha, source),
              "row_order": "seeded permutation of the training split (pipeline.data.targets.row_order); ids name rows"}
-    rows = row_order(n, cache.view_seed)
-    labels, ids = source.train.labels[rows], source.train.ids[rows]
     writer = StoreWriter.create_or_resume(out / STORE, n, v, c, cache.codec, labels, ids, source.class_counts, attrs,
                                           k=cache.k)
     expert_writer = None

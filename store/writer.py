@@ -219,3 +219,34 @@ def _check_resumable(path: Path, layout: Layout, attrs: dict, meta: dict, explic
 def _differs(path: Path, what: str, stored, wanted) -> None:
     raise ArtifactError(f"{path} was started with {what} = {stored!r}, this run asks for {wanted!r}. "
                         f"Resume it with the original inputs, or delete it to start over.")
+
+
+def invalidate_damaged(path: Path, meta: dict[str, np.ndarray], log=print) -> list[int]:
+    """Prepare a store with damaged chunks for a resume that repairs it: check every chunk, rewrite damaged
+    ``labels`` / ``ids`` / ``class_counts`` from ``meta``, and drop the done markers (and the completion
+    marker) of the shards holding a damaged chunk, so that resuming re-dumps exactly those. Returns them."""
+    from store.reader import LogitStore, is_checksum_error
+    from store.verify import damaged_chunks
+
+    attrs = open_attrs(path)
+    check_format(path, attrs)
+    group = zarr.open_group(str(path), mode="r+")
+    fixed = []
+    for name in META_ARRAYS:
+        try:
+            group[name][:]
+        except ValueError as error:
+            if not is_checksum_error(error):
+                raise
+            group[name][:] = np.asarray(meta[name], dtype=np.int64)
+            fixed.append(name)
+    shards = sorted({d.shard for d in damaged_chunks(LogitStore(path, attrs))})
+    for k in shards:
+        done_path(path, k).unlink(missing_ok=True)
+    if shards or fixed:
+        (path / COMPLETE).unlink(missing_ok=True)
+        log(f"repair: {path}: rewrote {', '.join(fixed) or 'no metadata array'}; "
+            f"{len(shards)} shard(s) to re-dump: {shards[:20]}")
+    else:
+        log(f"repair: {path}: every chunk's checksum holds; nothing to repair")
+    return shards
