@@ -48,7 +48,7 @@ def fidelity(rows: int, large_rows: int) -> list[tuple]:
     table = []
     for c in (10, 100, 8142):
         z = realistic_logits(rng, rows if c <= 100 else large_rows, c)
-        for codec in codecs.CODECS:
+        for codec in codecs.DENSE:  # topk on a real teacher's logits: make bench-codecs
             parts = codecs.encode(z, codec)
             decoded = codecs.decode(parts, codec)
             per_view = sum(a[0].nbytes for a in parts.values())
@@ -61,13 +61,14 @@ def fidelity(rows: int, large_rows: int) -> list[tuple]:
     return table
 
 
-def write_store(path: Path, n: int, v: int, c: int, codec: str) -> tuple[float, int]:
+def write_store(path: Path, n: int, v: int, c: int, codec: str, k: int = 0,
+                checksums: bool = True) -> tuple[float, int]:
     """Write an iNat-shaped store from a pool of random shards; return (seconds, stored bytes)."""
     rng = np.random.default_rng(1)
     labels = rng.integers(0, c, n)
     attrs = {"recipe": {"bench": True}, "view_spec": {}, "fingerprints": {"teacher": "0" * 64}}
     writer = StoreWriter.create_or_resume(path, n, v, c, codec, labels, np.arange(n),
-                                          np.bincount(labels, minlength=c), attrs)
+                                          np.bincount(labels, minlength=c), attrs, k=k, checksums=checksums)
     rows = writer.layout.shard
     pool = [realistic_logits(rng, rows * v, c).reshape(rows, v, c) for _ in range(3)]
     params = rng.random((rows, v, 8), dtype=np.float32)
@@ -93,7 +94,7 @@ def drop_page_cache(path: Path) -> None:
 
 def read_epoch_child(path: str, epoch: int, batch: int) -> None:
     """In a subprocess: stream one epoch and print samples/s, bytes read and RSS as JSON."""
-    store = LogitStore.open(path)
+    store = LogitStore.open(path, sharpness=1 / 3)  # what a topk store decodes for (tau 3, p 1)
     rss_open = _status_kb("VmRSS")
     samples, checksum = 0, 0.0
     start = time.perf_counter()
@@ -101,7 +102,8 @@ def read_epoch_child(path: str, epoch: int, batch: int) -> None:
         samples += len(index)
         checksum += float(logits[0, 0])  # touch the data, like a consumer would
     seconds = time.perf_counter() - start
-    stored_row = codecs.row_bytes(store.codec, store.c) + (8 if store.codec == "int8" else 0) + 4 * store.p
+    stored_row = (codecs.row_bytes(store.codec, store.c, store.k) + (8 if store.codec == "int8" else 0)
+                  + 4 * store.p)
     print(json.dumps({"samples": samples, "seconds": seconds, "mb": samples * stored_row / 1e6,
                       "rss_open_mb": rss_open / 1024, "peak_rss_mb": _status_kb("VmHWM") / 1024}))
 
@@ -123,7 +125,7 @@ def read_epoch(path: Path, epoch: int, batch: int, cold: bool) -> dict:
 
 def random_reads(path: Path, count: int, batch: int) -> tuple[float, float]:
     """read() of random (sample, view) pairs: samples/s and stored MB/s actually read (whole chunks)."""
-    store = LogitStore.open(path)
+    store = LogitStore.open(path, sharpness=1 / 3)  # what a topk store decodes for (tau 3, p 1)
     rng = np.random.default_rng(2)
     start, chunks = time.perf_counter(), 0
     for _ in range(count // batch):
@@ -131,7 +133,7 @@ def random_reads(path: Path, count: int, batch: int) -> tuple[float, float]:
         chunks += len(np.unique(index // store.chunk * store.v + views))
         store.read(index, views)
     seconds = time.perf_counter() - start
-    chunk_mb = store.chunk * codecs.row_bytes(store.codec, store.c) / 1e6
+    chunk_mb = store.chunk * codecs.row_bytes(store.codec, store.c, store.k) / 1e6
     return count / seconds, chunks * chunk_mb / seconds
 
 
@@ -150,19 +152,26 @@ def throughput(root: Path, args: argparse.Namespace) -> None:
           f"CPUs (load average {os.getloadavg()[0]:.1f} before starting)")
     print(f"{'codec':>8} {'store GB':>8} {'write MB/s':>10} {'random read':>18} "
           f"{'epoch':>5} {'stream samples/s':>16} {'read MB/s':>9} {'RSS open/peak MB':>17}")
-    for codec in codecs.CODECS:
-        path = root / f"{codec}.zarr"
-        seconds, stored = write_store(path, args.inat_n, args.v, args.c, codec)
+    streamed = {}
+    for name, codec, k, crc in (("float16", "float16", 0, True), ("no crc", "float16", 0, False),
+                                ("int8", "int8", 0, True), ("topk100", "topk", 100, True)):
+        path = root / f"{name.replace(' ', '-')}.zarr"
+        seconds, stored = write_store(path, args.inat_n, args.v, args.c, codec, k, crc)
         rand_sps, rand_mbs = random_reads(path, args.random_reads, args.batch)
         for epoch, cold in ((0, False), (1, True)):
             r = read_epoch(path, epoch, args.batch, cold)
             assert r["samples"] == args.inat_n
-            print(f"{codec:>8} {stored / 1e9:8.2f} {stored / 1e6 / seconds:10.0f} "
+            streamed[name, cold] = r["samples"] / r["seconds"]
+            print(f"{name:>8} {stored / 1e9:8.2f} {stored / 1e6 / seconds:10.0f} "
                   f"{rand_sps:8.0f} smp/s {rand_mbs:4.0f}MB/s {'cold' if cold else 'warm':>5} "
                   f"{r['samples'] / r['seconds']:16.0f} {r['mb'] / r['seconds']:9.0f} "
                   f"{r['rss_open_mb']:8.0f}/{r['peak_rss_mb']:<8.0f}")
         shutil.rmtree(path)
     print(f"(load average {os.getloadavg()[0]:.1f} at the end)")
+    for cold in (False, True):
+        ratio = streamed["float16", cold] / streamed["no crc", cold]
+        print(f"checksums, {'cold' if cold else 'warm'}: float16 with crc32c streams at {ratio:.3f} x the rate "
+              f"without ({100 * (1 - ratio):+.1f}% cost)")
 
 
 def main() -> None:

@@ -54,20 +54,21 @@ class StoreWriter:
     def create_or_resume(cls, path: str | os.PathLike, n: int, v: int, c: int, codec: str,
                          labels: np.ndarray, ids: np.ndarray, class_counts: np.ndarray, attrs: dict,
                          p: int = 8, *, chunk: int | None = None, shard: int | None = None,
-                         queue_size: int = 2, k: int = 0) -> "StoreWriter":
+                         queue_size: int = 2, k: int = 0, checksums: bool = True) -> "StoreWriter":
         """Create the store at ``path``, or reopen an incomplete one made with the same inputs.
 
         ``attrs`` must hold ``recipe``, ``view_spec`` and ``fingerprints`` (a dict); other keys are stored
         too. Reopening compares shape, codec, chunking, attributes and the labels/ids/class_counts arrays,
         and raises ArtifactError naming what differs; a complete store is never reopened for writing.
         Safe to call from every rank at once: the store is built in a temporary folder and renamed into
-        place, so exactly one rank creates it and the others resume it.
+        place, so exactly one rank creates it and the others resume it. ``checksums`` False exists for
+        ``make bench-cache`` only, to measure what the crc32c costs.
         """
         path = Path(path)
         layout = Layout.choose(n, v, c, p, codecs.check(codec), chunk, shard, k)
         wanted = user_attrs(attrs)
         if not (path / "zarr.json").is_file():
-            _create_atomically(path, layout, wanted, labels, ids, class_counts)
+            _create_atomically(path, layout, wanted, labels, ids, class_counts, checksums)
         _check_resumable(path, layout, wanted, {"labels": labels, "ids": ids, "class_counts": class_counts},
                          explicit_chunking=(chunk is not None, shard is not None))
         stored = Layout(**open_attrs(path)["layout"])
@@ -171,7 +172,8 @@ def _fsync(file: Path) -> None:
             os.fsync(handle.fileno())
 
 
-def _create_atomically(path: Path, layout: Layout, attrs: dict, labels, ids, class_counts) -> None:
+def _create_atomically(path: Path, layout: Layout, attrs: dict, labels, ids, class_counts,
+                       checksums: bool = True) -> None:
     """Build the empty store in a temporary folder beside ``path`` and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -179,7 +181,7 @@ def _create_atomically(path: Path, layout: Layout, attrs: dict, labels, ids, cla
         meta = {"format_version": FORMAT_VERSION, "codec": layout.codec, "layout": layout.to_dict(),
                 "versions": package_versions(), **attrs}
         group = zarr.open_group(str(tmp), mode="w", attributes=meta)
-        create_arrays(group, layout, labels, ids, class_counts)
+        create_arrays(group, layout, labels, ids, class_counts, checksums)
         try:
             os.rename(tmp, path)
         except OSError:
