@@ -50,6 +50,9 @@ STUDENT_SET     ?=
 # --- runtime: recorded in each manifest, never part of a run's identity ---
 DEVICE    ?= auto
 NPROC     ?= 1
+NNODES    ?= 1
+RDZV      ?=
+LOCAL_ADDR ?=
 WORKERS   ?=
 # --- where things go ---
 RUNS      ?= runs
@@ -103,7 +106,13 @@ TAG         := $(patsubst $(RUNS)/%,%,$(patsubst %/,%,$(dir $(TEACHER_DIR))))
 ROOT_ARG    := $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 STAMP := $(VENV)/.installed
-DIVE  := $(if $(filter 1,$(NPROC)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m stages.cli)
+# One process, torchrun on this machine (NPROC=), or torchrun over NNODES machines that meet at RDZV=host:port
+# (c10d rendezvous: ranks go to nodes as they arrive). LOCAL_ADDR= is the address this node is reached at, where
+# its hostname does not resolve to it.
+TORCHRUN := $(if $(filter 1,$(NNODES)),--standalone,--nnodes=$(NNODES) --rdzv_backend=c10d --rdzv_endpoint=$(RDZV) \
+            --rdzv_id=dive-$(DATASET) $(if $(LOCAL_ADDR),--local_addr=$(LOCAL_ADDR)))
+DIVE  := $(if $(filter 1/1,$(NPROC)/$(NNODES)),$(VENV)/bin/python -m stages.cli,$(VENV)/bin/torchrun $(TORCHRUN) \
+         --nproc_per_node=$(NPROC) -m stages.cli)
 sets   = $(foreach kv,$(1),--set $(kv))
 
 # The embedded datasets' inputs come from Debian's packages unless DATA_ROOT points elsewhere: Fashion-MNIST's

@@ -31,6 +31,7 @@ OWNER = {
     "STUDENT_BATCH": ("student", "64"), "STUDENT_MODEL": ("student", "ride"), "STUDENT_EXPERTS": ("student", "3"),
     "STUDENT_SET": ("student", "gamma=0.1"),
     "WORKERS": ("runtime", "1"), "DEVICE": ("runtime", "cpu"), "NPROC": ("runtime", "2"),
+    "NNODES": ("runtime", "2"), "RDZV": ("runtime", "127.0.0.1:29400"), "LOCAL_ADDR": ("runtime", "127.0.0.1"),
     "DATA_ROOT": ("elsewhere", "/srv/data"), "RUNS": ("elsewhere", "other"), "PYTHON": ("elsewhere", "python3"),
     "VENV": ("elsewhere", ".venv"), "AT": ("elsewhere", "2,1"), "FLATNESS": ("elsewhere", "0.5"),
     "HEAD_CLASS": ("elsewhere", "1"), "TAIL_CLASS": ("elsewhere", "9"), "TAUS": ("elsewhere", "1 3"),
