@@ -34,6 +34,7 @@ CODEC     ?=
 CACHE_SET ?=
 PLAN      ?=
 REPAIR    ?=
+CACHE_URL ?=
 REPLAY    ?=
 # --- student ---
 TAU             ?=
@@ -172,12 +173,13 @@ $(TEACHER_DIR)/manifest.json: | $(STAMP) $(DATA_DEP)
 
 teacher: $(TEACHER_DIR)/manifest.json ## train the teacher (Balanced Softmax; LOSS=ce for the CE baseline)
 
+URL_ARG := $(if $(CACHE_URL),--store-url $(CACHE_URL))
 $(CACHE_DIR)/manifest.json: | $(TEACHER_DIR)/manifest.json
-	$(DIVE) cache --teacher $(TEACHER_DIR) $(call sets,$(CACHE_KV)) $(ROOT_ARG) --device $(DEVICE)
+	$(DIVE) cache --teacher $(TEACHER_DIR) $(call sets,$(CACHE_KV)) $(ROOT_ARG) --device $(DEVICE) $(URL_ARG)
 
 ifneq ($(REPAIR),)
 cache: | $(TEACHER_DIR)/manifest.json # REPAIR=1: check every chunk, re-dump the damaged shards
-	$(DIVE) cache --teacher $(TEACHER_DIR) $(call sets,$(CACHE_KV)) $(ROOT_ARG) --device $(DEVICE) --repair
+	$(DIVE) cache --teacher $(TEACHER_DIR) $(call sets,$(CACHE_KV)) $(ROOT_ARG) --device $(DEVICE) $(URL_ARG) --repair
 else ifeq ($(PLAN),)
 cache: $(CACHE_DIR)/manifest.json ## dump teacher logits for V recorded views per image (VIEWS=, CODEC=, PLAN=1: size only, REPAIR=1)
 else

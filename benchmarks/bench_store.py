@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from store import codecs  # noqa: E402
+from store.location import RemotePath  # noqa: E402
 from store.reader import LogitStore  # noqa: E402
 from store.writer import StoreWriter  # noqa: E402
 
@@ -78,7 +79,7 @@ def write_store(path: Path, n: int, v: int, c: int, codec: str, k: int = 0,
         writer.write_shard(shard.index, pool[shard.index % 3][:size], params[:size])
     writer.mark_complete()
     seconds = time.perf_counter() - start
-    stored = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    stored = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if isinstance(path, Path) else 0
     return seconds, stored
 
 
@@ -115,7 +116,7 @@ def _status_kb(key: str) -> int:
     return 0
 
 
-def read_epoch(path: Path, epoch: int, batch: int, cold: bool) -> dict:
+def read_epoch(path, epoch: int, batch: int, cold: bool) -> dict:
     if cold:
         drop_page_cache(path)
     out = subprocess.run([sys.executable, __file__, "--child-read", str(path), "--epoch", str(epoch),
@@ -168,10 +169,29 @@ def throughput(root: Path, args: argparse.Namespace) -> None:
                   f"{r['rss_open_mb']:8.0f}/{r['peak_rss_mb']:<8.0f}")
         shutil.rmtree(path)
     print(f"(load average {os.getloadavg()[0]:.1f} at the end)")
+    bucket_row(root, args, streamed)
     for cold in (False, True):
         ratio = streamed["float16", cold] / streamed["no crc", cold]
         print(f"checksums, {'cold' if cold else 'warm'}: float16 with crc32c streams at {ratio:.3f} x the rate "
               f"without ({100 * (1 - ratio):+.1f}% cost)")
+
+
+def bucket_row(root: Path, args: argparse.Namespace, streamed: dict) -> None:
+    """The float16 store written to and streamed from a SeaweedFS bucket on loopback, against local disk."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from seaweed_server import seaweedfs
+
+    with seaweedfs(root / "seaweedfs") as s3:
+        url = f"{s3['url']}/bench/float16.zarr"
+        seconds, _ = write_store(url, args.inat_n, args.v, args.c, "float16")
+        stored = sum(f.stat_size() for f in RemotePath(url).rglob())
+        r = read_epoch(url, 0, args.batch, cold=False)
+        streamed["bucket", False] = r["samples"] / r["seconds"]
+        print(f"{'bucket':>8} {stored / 1e9:8.2f} {stored / 1e6 / seconds:10.0f} "
+              f"{'':>18} {'s3':>5} {streamed['bucket', False]:16.0f} {r['mb'] / r['seconds']:9.0f} "
+              f"{r['rss_open_mb']:8.0f}/{r['peak_rss_mb']:<8.0f}")
+    ratio = streamed["bucket", False] / streamed["float16", False]
+    print(f"bucket: float16 streams from the loopback S3 bucket at {ratio:.3f} x the rate from local disk (warm)")
 
 
 def main() -> None:

@@ -32,6 +32,29 @@ STORE = "logits.zarr"
 EXPERT_STORE = "expert_logits.zarr"  # a RIDE teacher's per-expert logits, class axis = expert-major E x C
 
 
+def store_folder(cache_dir: Path, store_url: str | None = None):
+    """Where a cache's stores live: the cache folder itself, or with ``store_url`` (``CACHE_URL=``, an object
+    store such as ``s3://bucket/prefix``) the prefix ``<url>/<dataset>/<cache folder name>`` of it, while the
+    cache folder keeps its small files (config.json, manifest.json)."""
+    from store.location import location
+
+    if not store_url:
+        return cache_dir
+    return location(f"{store_url.rstrip('/')}/{cache_dir.parent.name}/{cache_dir.name}")
+
+
+def store_of(cache_dir: Path):
+    """The logit store of a complete cache: its manifest says where it was written (a URL, or the folder)."""
+    from store.location import location
+
+    manifest = cache_dir / "manifest.json"
+    if manifest.is_file():
+        where = json.loads(manifest.read_text()).get("store")
+        if where:
+            return location(where)
+    return cache_dir / STORE
+
+
 def prepare_run_dir(out: Path, identity: dict) -> bool:
     """Create ``out`` for a run of ``identity``; True if it already holds that run, complete.
 

@@ -31,7 +31,7 @@ from store.prefetch import prefetched
 from store.reader import LogitStore
 from store.writer import Shard, StoreWriter, invalidate_damaged
 
-from .artifacts import EXPERT_STORE, STORE, load_teacher, prepare_run_dir, runtime_record, teacher_of
+from .artifacts import EXPERT_STORE, STORE, load_teacher, prepare_run_dir, runtime_record, store_folder, teacher_of
 
 
 def identity(teacher: TeacherSettings, cache: CacheSettings, teacher_sha: str) -> dict:
@@ -145,11 +145,13 @@ def dump(spec: ViewSpec, cache: CacheSettings, model, executor, writer: StoreWri
 
 
 def run(teacher_dir: Path, out: Path, cache: CacheSettings, data_root: Path | None = None,
-        device: str = "auto", log=print, repair: bool = False) -> Path:
+        device: str = "auto", log=print, repair: bool = False, store_url: str | None = None):
     """Dump the teacher's logits for V views of every training image into ``out / logits.zarr``. With
     ``repair``, first check every chunk of an existing store and re-dump the shards whose checksum fails.
 
-    One dump at a time: the main rank holds ``out/dump.lock`` (``store.lock``) while the store is written."""
+    One dump at a time: the main rank holds ``dump.lock`` beside the store (``store.lock``) while it is
+    written. With ``store_url`` the stores go to that object-store prefix (``artifacts.store_folder``) and
+    ``out`` keeps the small files; the manifest records where the store is."""
     dist = init_from_env(device)
     teacher = teacher_of(teacher_dir)
     teacher_manifest = read_manifest(teacher_dir, "teacher")
@@ -161,27 +163,29 @@ def run(teacher_dir: Path, out: Path, cache: CacheSettings, data_root: Path | No
     need = planned_bytes(n, v, c, cache.codec, cache.k)  # refuses a bad K before the run folder is made
     rows = row_order(n, cache.view_seed)
     labels, ids = source.train.labels[rows], source.train.ids[rows]
-    lock = DumpLock(out)
-    if dist.main and (out / STORE / "zarr.json").is_file():
+    stores = store_folder(out, store_url)
+    lock = DumpLock(stores)
+    if dist.main and (stores / STORE / "zarr.json").is_file():
         lock.acquire()  # before anything is checked or changed: a dump may be writing it
-        if repair and invalidate_damaged(out / STORE, {"labels": labels, "ids": ids,
+        if repair and invalidate_damaged(stores / STORE, {"labels": labels, "ids": ids,
                                                        "class_counts": source.class_counts}, log):
             (out / MANIFEST).unlink(missing_ok=True)
     barrier(dist)  # every rank sees the repaired state before it decides whether there is work
     if prepare_run_dir(out, identity(teacher, cache, teacher_sha)):
         lock.release()
         log(f"{out} is complete; nothing to do")
-        return out / STORE
+        return stores / STORE
     if dist.main and not lock.held:
         lock.acquire()
     try:
-        return _dump_store(teacher_dir, out, cache, teacher, source, teacher_sha, rows, labels, ids, need, dist, log)
+        return _dump_store(teacher_dir, out, stores, cache, teacher, source, teacher_sha, rows, labels, ids, need,
+                           dist, log)
     finally:
         lock.release()
 
 
-def _dump_store(teacher_dir: Path, out: Path, cache: CacheSettings, teacher, source, teacher_sha: str,
-                rows: np.ndarray, labels: np.ndarray, ids: np.ndarray, need: int, dist: Dist, log) -> Path:
+def _dump_store(teacher_dir: Path, out: Path, stores, cache: CacheSettings, teacher, source, teacher_sha: str,
+                rows: np.ndarray, labels: np.ndarray, ids: np.ndarray, need: int, dist: Dist, log):
     n, c, v = len(source.train), source.num_classes, cache.views
     experts = teacher.experts  # 0 for a single model
     if cache.expert_logits and not experts:
@@ -192,7 +196,8 @@ def _dump_store(teacher_dir: Path, out: Path, cache: CacheSettings, teacher, sou
             extra = planned_bytes(n, v, experts * c, cache.codec)
             log(f"cache: per-expert logits of the {experts} experts add {extra / 2**20:,.1f} MiB ({EXPERT_STORE})")
             need += extra
-        check_room(out, need, log)
+        if isinstance(stores, Path):  # an object store reports no free space
+            check_room(out, need, log)
         codec = f"topk K={cache.k}" if cache.codec == "topk" else cache.codec
         log(f"cache: {n:,} images x {v} views of {teacher.dataset}, {c} classes, codec {codec}, "
             f"on {dist.device} x{dist.world}")
@@ -201,12 +206,12 @@ def _dump_store(teacher_dir: Path, out: Path, cache: CacheSettings, teacher, sou
              "view_spec": dataclasses.asdict(spec), "view_seed": cache.view_seed,
              "fingerprints": fingerprints(teacher_sha, source),
              "row_order": "seeded permutation of the training split (pipeline.data.targets.row_order); ids name rows"}
-    writer = StoreWriter.create_or_resume(out / STORE, n, v, c, cache.codec, labels, ids, source.class_counts, attrs,
+    writer = StoreWriter.create_or_resume(stores / STORE, n, v, c, cache.codec, labels, ids, source.class_counts, attrs,
                                           k=cache.k)
     expert_writer = None
     if cache.expert_logits:
         expert_writer = StoreWriter.create_or_resume(
-            out / EXPERT_STORE, n, v, experts * c, cache.codec, labels, ids, np.tile(source.class_counts, experts),
+            stores / EXPERT_STORE, n, v, experts * c, cache.codec, labels, ids, np.tile(source.class_counts, experts),
             {**attrs, "experts": experts, "classes": c, "class_axis": "expert-major: expert e, class k at e * C + k"})
     model = load_teacher(teacher_dir, dist.device, cache.channels_last)
     executor = make_executor(source.train, spec, source.mean, source.std, cache.batch_size, cache.workers,
@@ -220,17 +225,19 @@ def _dump_store(teacher_dir: Path, out: Path, cache: CacheSettings, teacher, sou
         if expert_writer is not None:
             expert_writer.mark_complete()
             outputs[EXPERT_STORE] = EXPERT_STORE
-        store = LogitStore.open(out / STORE, expect=attrs["fingerprints"])
+        store = LogitStore.open(stores / STORE, expect=attrs["fingerprints"])
         seconds = time.perf_counter() - start
-        size = sum(directory_bytes(out / name) for name in outputs)
+        size = sum(directory_bytes(stores / name) for name in outputs)
         config = {**identity(teacher, cache, teacher_sha), "runtime": runtime_record(cache, dist),
                   "teacher_dir": str(teacher_dir)}
         write_manifest(out, "cache", config, inputs={"teacher_model": teacher_sha, **attrs["fingerprints"]},
                        outputs=outputs, extra={
-                           "layout": store.layout.to_dict(), "seconds": seconds, "images": images, "bytes": size})
-        log(f"cache: wrote {out / STORE} ({size / 2**20:,.1f} MiB, layout {store.layout.to_dict()}) in {seconds:,.0f}s")
+                           "layout": store.layout.to_dict(), "seconds": seconds, "images": images, "bytes": size,
+                           "store": str(stores / STORE)})
+        log(f"cache: wrote {stores / STORE} ({size / 2**20:,.1f} MiB, layout {store.layout.to_dict()}) in "
+            f"{seconds:,.0f}s")
     barrier(dist)
-    return out / STORE
+    return stores / STORE
 
 
 def fingerprints(teacher_sha: str, source: Source) -> dict[str, str]:
@@ -238,5 +245,7 @@ def fingerprints(teacher_sha: str, source: Source) -> dict[str, str]:
     return {"teacher": teacher_sha, "samples": source.fingerprint()}
 
 
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def directory_bytes(path) -> int:
+    if isinstance(path, Path):
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return sum(f.stat_size() for f in path.rglob("*"))

@@ -63,7 +63,9 @@ def cache(teacher: Optional[Path] = typer.Option(None, help="the teacher's run f
           imbalance: float = typer.Option(100, "--imbalance", help="with --plan and no --teacher: IF"),
           classes: int = typer.Option(0, "--classes", help="with --plan and no --teacher: glyph-lt's C"),
           repair: bool = typer.Option(False, "--repair", help="check every chunk's checksum first and re-dump the "
-                                                              "shards holding a damaged one")) -> None:
+                                                              "shards holding a damaged one"),
+          store_url: Optional[str] = typer.Option(None, "--store-url", help="write the store under this object-store "
+                                                                             "prefix (s3://bucket/prefix)")) -> None:
     """Dump the teacher's raw logits for V recorded views of every training image into a Zarr store."""
     from stages import cache as stage
     from stages.artifacts import teacher_of
@@ -76,7 +78,8 @@ def cache(teacher: Optional[Path] = typer.Option(None, help="the teacher's run f
             raise ConfigError("cache needs --teacher (the teacher's run folder), or --plan to only size a store")
         dataset = teacher_of(teacher).dataset
         settings = resolve("cache", dataset, overrides or [])
-        stage.run(teacher, out or cache_dir(teacher, settings, dataset), settings, data_root, device, repair=repair)
+        stage.run(teacher, out or cache_dir(teacher, settings, dataset), settings, data_root, device, repair=repair,
+                  store_url=store_url)
     except (ConfigError, DataError, ArtifactError) as error:
         _fail(error)
 

@@ -14,7 +14,7 @@ from pipeline.analysis.virtual import count_error_bounds, flatness, smallest_tau
 from store.manifest import write_json_atomic
 from store.reader import LogitStore
 
-from .artifacts import STORE
+from .artifacts import store_of
 
 
 def progress_bar(done: int, total: int) -> None:
@@ -85,9 +85,9 @@ def error_line(store: LogitStore, name: str, counts: np.ndarray, bound: np.ndarr
 def run(cache_dir: Path, out: Path, settings: list[tuple[float, float]], flatness_target: float | None = None,
         log=print) -> dict:
     """Virtual counts of the cache at each (tau, p) in ``settings``; JSON, PNG and a table."""
-    store = LogitStore.open(cache_dir / STORE)
+    store = LogitStore.open(store_of(cache_dir))
     real = store.class_counts.astype(np.float64)
-    log(f"inspect: {cache_dir / STORE} ({store.n:,} images x {store.v} views, {store.c} classes)")
+    log(f"inspect: {store.path} ({store.n:,} images x {store.v} views, {store.c} classes)")
     counts = virtual_counts(store, settings, progress_bar)
     names = [f"tau {t:g}, p {p:g}" for t, p in settings]
     figures = {"real n_c": flatness(real, real)}

@@ -31,7 +31,7 @@ from pipeline.train.setup import micro_batch_for, trainable_model
 from store.manifest import read_manifest
 from store.reader import LogitStore
 
-from .artifacts import (STORE, finish, load_teacher, prepare_run_dir, report_from_eval, runtime_record,
+from .artifacts import (finish, store_of, load_teacher, prepare_run_dir, report_from_eval, runtime_record,
                         settings_of)
 
 
@@ -49,7 +49,7 @@ def teacher_dir_of(cache_config: dict) -> Path:
 def open_cache(cache_dir: Path, source, sharpness: float | None = None) -> LogitStore:
     """The cache's store, read-only, refused unless it was made from this dataset's training split;
     ``sharpness`` (p / tau) is what a topk store decodes its logits for."""
-    return LogitStore.open(cache_dir / STORE, expect={"samples": source.fingerprint()}, sharpness=sharpness)
+    return LogitStore.open(store_of(cache_dir), expect={"samples": source.fingerprint()}, sharpness=sharpness)
 
 
 def identity(student: StudentSettings, cache_config: dict, store: LogitStore) -> dict:

@@ -32,7 +32,7 @@ from store.manifest import ArtifactError, read_manifest, sha256_file
 from store.reader import LogitStore
 from store.verify import check_store
 
-from .artifacts import STORE, load_teacher
+from .artifacts import load_teacher, store_of
 from .inspect import progress_bar
 from .student import cache_teacher, teacher_dir_of
 
@@ -108,7 +108,7 @@ def mismatched(store: LogitStore, parts: dict, fresh: np.ndarray) -> np.ndarray:
 def run(cache_dir: Path, replay: int = 0, data_root: Path | None = None, device: str = "auto", log=print) -> bool:
     """Verify the cache in ``cache_dir``; True on PASS. Prints a progress bar, then the summary."""
     start = time.perf_counter()
-    path = Path(cache_dir) / STORE
+    path = store_of(Path(cache_dir))
     log(f"verify: {path}")
     failures, store, chunks = check_store(path, progress_bar)
     if store is not None:

@@ -1,8 +1,9 @@
 """One dump at a time per cache folder: an exclusive lock file that names its holder.
 
 zarr does no locking, and two dumps writing the same shards would interleave their chunks. The lock is a file
-created with O_CREAT | O_EXCL (atomic on local and network file systems alike), holding the holder's host,
-pid and start time. A lock is stale when its holder is on this host and that pid no longer runs (a killed
+created with O_CREAT | O_EXCL (atomic on local and network file systems alike), or on an object store an
+object written by a conditional PUT (``store.location.create_new``), holding the holder's host, pid and start
+time. A lock is stale when its holder is on this host and that pid no longer runs (a killed
 dump): it is then taken over, so a crash never needs a hand to clean up. A lock of another host cannot be
 checked from here; the refusal names it and says how to clear it.
 
@@ -14,8 +15,8 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 
+from store.location import age_seconds, create_new, location
 from store.manifest import ArtifactError
 
 LOCK_NAME = "dump.lock"
@@ -35,17 +36,14 @@ def _alive(pid: int) -> bool:
 class DumpLock:
     """``with DumpLock(folder):`` holds ``folder/dump.lock`` for the block; raises ArtifactError if held."""
 
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK_NAME
+    def __init__(self, folder):
+        self.path = location(folder) / LOCK_NAME
         self.mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.held = False
 
     def acquire(self) -> "DumpLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):  # a second try after removing a stale lock
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            if not create_new(self.path, json.dumps(self.mine).encode()):
                 holder = self.holder()
                 if holder is None and self._young():
                     raise ArtifactError(f"{self.path.parent}: another dump is taking the lock {self.path} right "
@@ -57,8 +55,6 @@ class DumpLock:
                         f"that process is gone (on another machine), delete {self.path} and run again.") from None
                 self.path.unlink(missing_ok=True)  # stale, or left empty by a holder killed while writing it
                 continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.mine, handle)
             self.held = True
             return self
         raise ArtifactError(f"could not take the dump lock {self.path}: it keeps reappearing; another dump "
@@ -75,7 +71,7 @@ class DumpLock:
     def _young(self) -> bool:
         """An empty lock file seconds old is one being written; an old one was left by a killed writer."""
         try:
-            return time.time() - self.path.stat().st_mtime < TORN_GRACE_SECONDS
+            return age_seconds(self.path) < TORN_GRACE_SECONDS
         except OSError:
             return False
 

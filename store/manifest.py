@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
@@ -59,21 +58,12 @@ def package_versions() -> dict[str, str]:
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True, default=_json_default)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON to ``path`` (a folder's file or an object-store URL) so that readers never see half a file:
+    through a temporary file and a rename locally, in one PUT remotely (``store.location.write_atomic``)."""
+    from store.location import write_atomic
+
+    text = json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n"
+    write_atomic(path, text.encode())
 
 
 def _json_default(value: Any) -> Any:

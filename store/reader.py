@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from store import codecs
+from store.location import location, zarr_store
 from store.manifest import ArtifactError, check_fingerprint
 from store.order import chunk_plan, chunked_order, view_for_epoch
 from store.prefetch import prefetched
@@ -54,7 +55,7 @@ class LogitStore:
         self.attrs = attrs
         self.sharpness = sharpness  # p / tau of the targets to be made; needed by codec topk only
         self.layout = Layout(**attrs["layout"])
-        group = zarr.open_group(str(path), mode="r")
+        group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
         self._arrays = {name: group[name] for name in data_arrays(self.layout)}
         self.labels, self.ids, self.class_counts = (self._whole(group, name) for name in META_ARRAYS)
 
@@ -72,8 +73,9 @@ class LogitStore:
              sharpness: float | None = None) -> "LogitStore":
         """Open the store at ``path``, refusing (ArtifactError) a store that is missing, of another format
         version, incomplete, or whose fingerprints differ from ``expect`` (name -> sha256). ``sharpness``
-        (p / tau) is what a topk store decodes for; the dense codecs ignore it."""
-        path = Path(path)
+        (p / tau) is what a topk store decodes for; the dense codecs ignore it. ``path`` is a folder or a URL
+        (``store.location``)."""
+        path = location(path)
         attrs = open_attrs(path)
         check_format(path, attrs)
         if not is_complete(path):

@@ -33,6 +33,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from store import codecs
+from store.location import location, zarr_store
 from store.manifest import ArtifactError, jsonable
 
 FORMAT_VERSION = 2  # 2: crc32c on every chunk (1: no checksums)
@@ -161,12 +162,12 @@ def data_arrays(layout: Layout) -> dict[str, tuple[str, int]]:
     return arrays
 
 
-def open_attrs(path: str | Path) -> dict:
-    """The group attributes of the store at ``path``, or ArtifactError if there is none."""
-    path = Path(path)
+def open_attrs(path) -> dict:
+    """The group attributes of the store at ``path`` (a folder or a URL), or ArtifactError if there is none."""
+    path = location(path)
     if not (path / "zarr.json").is_file():
         raise ArtifactError(f"no logit store at {path}. Run the cache stage (`make cache`) to make it.")
-    return dict(zarr.open_group(str(path), mode="r").attrs)
+    return dict(zarr.open_group(zarr_store(path, read_only=True), mode="r").attrs)
 
 
 def check_format(path: str | Path, attrs: dict) -> None:
@@ -183,17 +184,17 @@ def check_format(path: str | Path, attrs: dict) -> None:
             f"Re-dump the cache with this code (`make cache`), or use the dive version that wrote it.")
 
 
-def is_complete(path: str | Path) -> bool:
-    return (Path(path) / COMPLETE).is_file()
+def is_complete(path) -> bool:
+    return (location(path) / COMPLETE).is_file()
 
 
-def done_path(path: str | Path, k: int) -> Path:
-    return Path(path) / DONE_DIR / f"{k}.json"
+def done_path(path, k: int):
+    return location(path) / DONE_DIR / f"{k}.json"
 
 
 def done_shards(path: str | Path) -> set[int]:
     """Shards whose done marker exists (temporary files of an interrupted marker write are ignored)."""
-    folder = Path(path) / DONE_DIR
+    folder = location(path) / DONE_DIR
     if not folder.is_dir():
         return set()
     return {int(name[:-5]) for name in (entry.name for entry in folder.iterdir())

@@ -12,6 +12,7 @@ Typical use in the cache stage (every rank runs the same code; rank 0 marks comp
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -24,10 +25,14 @@ import numpy as np
 import zarr
 
 from store import codecs
+from store.location import RemotePath, create_new, location, zarr_store
 from store.manifest import ArtifactError, check_fingerprint, package_versions, write_json_atomic
 from store.schema import (COMPLETE, FORMAT_VERSION, META_ARRAYS, RESERVED_ATTRS, Layout, check_format,
                           create_arrays, data_arrays, done_path, done_shards, is_complete, open_attrs,
                           user_attrs)
+
+
+CREATING = "creating.json"  # an object store's claim on creating a store (``_create_claimed``)
 
 
 class Shard(NamedTuple):
@@ -44,7 +49,7 @@ class StoreWriter:
     def __init__(self, path: Path, layout: Layout, queue_size: int = 2):
         self.path = path
         self.layout = layout
-        self._group = zarr.open_group(str(path), mode="r+")
+        self._group = zarr.open_group(zarr_store(path), mode="r+")
         self._arrays = {name: self._group[name] for name in data_arrays(layout)}
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._thread: threading.Thread | None = None
@@ -64,11 +69,12 @@ class StoreWriter:
         place, so exactly one rank creates it and the others resume it. ``checksums`` False exists for
         ``make bench-cache`` only, to measure what the crc32c costs.
         """
-        path = Path(path)
+        path = location(path)
         layout = Layout.choose(n, v, c, p, codecs.check(codec), chunk, shard, k)
         wanted = user_attrs(attrs)
         if not (path / "zarr.json").is_file():
-            _create_atomically(path, layout, wanted, labels, ids, class_counts, checksums)
+            create = _create_atomically if isinstance(path, Path) else _create_claimed
+            create(path, layout, wanted, labels, ids, class_counts, checksums)
         _check_resumable(path, layout, wanted, {"labels": labels, "ids": ids, "class_counts": class_counts},
                          explicit_chunking=(chunk is not None, shard is not None))
         stored = Layout(**open_attrs(path)["layout"])
@@ -148,7 +154,7 @@ class StoreWriter:
 
     def _write_now(self, k: int, logits: np.ndarray, params: np.ndarray) -> None:
         start, stop = self.layout.shard_range(k)
-        files = [self.path / name / array.metadata.encode_chunk_key((k, 0, 0))
+        files = [self.path / name / array.metadata.encode_chunk_key((k, 0, 0))  # its shard's one file
                  for name, array in self._arrays.items()]
         for file in files:  # a killed earlier attempt may have left half a shard; start from nothing
             file.unlink(missing_ok=True)
@@ -166,8 +172,9 @@ class StoreWriter:
             raise ArtifactError(f"writing {self.path} failed: {error}") from error
 
 
-def _fsync(file: Path) -> None:
-    if file.is_file():  # zarr skips a shard whose chunks all equal the fill value
+def _fsync(file) -> None:
+    if isinstance(file, Path) and file.is_file():  # an object is durable once written; zarr skips a shard
+        # whose chunks all equal the fill value
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
 
@@ -191,10 +198,39 @@ def _create_atomically(path: Path, layout: Layout, attrs: dict, labels, ids, cla
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _create_claimed(path: RemotePath, layout: Layout, attrs: dict, labels, ids, class_counts,
+                    checksums: bool = True, wait_seconds: float = 120) -> None:
+    """On an object store, where there is no rename: the rank whose conditional PUT of ``creating.json``
+    succeeds builds the store in place and then removes the claim; the others wait for the claim to go."""
+    import socket
+    import time
+
+    claim = path / CREATING
+    mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
+    if create_new(claim, mine):
+        try:
+            meta = {"format_version": FORMAT_VERSION, "codec": layout.codec, "layout": layout.to_dict(),
+                    "versions": package_versions(), **attrs}
+            group = zarr.open_group(zarr_store(path), mode="w", attributes=meta)
+            create_arrays(group, layout, labels, ids, class_counts, checksums)
+        finally:
+            claim.unlink(missing_ok=True)
+        return
+    deadline = time.time() + wait_seconds
+    while claim.is_file():
+        if time.time() > deadline:
+            raise ArtifactError(f"{path} has been being created by another process for {wait_seconds:.0f}s "
+                                f"({claim.read_text()}); if that process is gone, delete {claim} and run again.")
+        time.sleep(0.5)
+
+
 def _check_resumable(path: Path, layout: Layout, attrs: dict, meta: dict, explicit_chunking) -> None:
     """Raise ArtifactError unless the store at ``path`` is incomplete and was made with these inputs."""
     stored = open_attrs(path)
     check_format(path, stored)
+    if (path / CREATING).is_file():
+        raise ArtifactError(f"{path} was left half-created by a process that died ({(path / CREATING).read_text()}); "
+                            f"delete {path} and run again.")
     if is_complete(path):
         raise ArtifactError(f"{path} is already a complete logit store; it is never reopened for writing. "
                             f"Read it with LogitStore.open, or delete it to dump again.")
@@ -209,7 +245,7 @@ def _check_resumable(path: Path, layout: Layout, attrs: dict, meta: dict, explic
     for key in sorted((set(stored) | set(attrs)) - set(RESERVED_ATTRS)):
         if stored.get(key) != attrs.get(key):
             _differs(path, f"attribute {key!r}", stored.get(key), attrs.get(key))
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
     for name in META_ARRAYS:
         have_values, want_values = group[name][:], np.asarray(meta[name])
         if not np.array_equal(have_values, want_values):
@@ -230,9 +266,10 @@ def invalidate_damaged(path: Path, meta: dict[str, np.ndarray], log=print) -> li
     from store.reader import LogitStore, is_checksum_error
     from store.verify import damaged_chunks
 
+    path = location(path)
     attrs = open_attrs(path)
     check_format(path, attrs)
-    group = zarr.open_group(str(path), mode="r+")
+    group = zarr.open_group(zarr_store(path), mode="r+")
     fixed = []
     for name in META_ARRAYS:
         try:

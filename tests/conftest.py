@@ -56,3 +56,18 @@ def kill_after(args: list[str], marker, timeout: float = 300) -> None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server on loopback (``scripts/seaweed_server.py``) with an empty bucket, for the session:
+    yields the environment a client needs, the bucket's URL and an s3fs client."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from seaweed_server import seaweedfs
+
+    import s3fs
+
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as s3:
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3["endpoint"]}, use_listings_cache=False)
+        yield {**s3, "fs": fs}
