@@ -78,6 +78,16 @@ def make_bucket(name: str, endpoint: str, seconds: float = 60) -> None:
             time.sleep(0.5)
 
 
+def stop(server: subprocess.Popen, seconds: float = 20) -> None:
+    """Stop the server: SIGTERM, then SIGKILL if it has not gone in ``seconds``."""
+    server.terminate()
+    try:
+        server.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 @contextlib.contextmanager
 def seaweedfs(folder: Path, bucket: str = "dive-test"):
     """Run a SeaweedFS S3 server on 127.0.0.1 with ``bucket`` made; sets the AWS_* variables meanwhile."""
@@ -98,12 +108,7 @@ def seaweedfs(folder: Path, bucket: str = "dive-test"):
             raise RuntimeError(f"{error}; its log ends:\n{(folder / 'weed.log').read_text()[-2000:]}") from error
         yield {"env": env, "endpoint": endpoint, "url": f"s3://{bucket}"}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
         log.close()
         for key, value in saved.items():
             if value is None:

@@ -44,13 +44,14 @@ def store_folder(cache_dir: Path, store_url: str | None = None):
 
 
 def store_of(cache_dir: Path):
-    """The logit store of a complete cache: its manifest says where it was written (a URL, or the folder)."""
-    from store.location import location
+    """The logit store of a cache: the URL its manifest records for a store in object storage, else the
+    folder's own ``logits.zarr`` (never a recorded local path: a copied cache folder reads its own copy)."""
+    from store.location import is_url, location
 
     manifest = cache_dir / "manifest.json"
     if manifest.is_file():
         where = json.loads(manifest.read_text()).get("store")
-        if where:
+        if where and is_url(where):
             return location(where)
     return cache_dir / STORE
 

@@ -233,7 +233,7 @@ def _dump_store(teacher_dir: Path, out: Path, stores, cache: CacheSettings, teac
         write_manifest(out, "cache", config, inputs={"teacher_model": teacher_sha, **attrs["fingerprints"]},
                        outputs=outputs, extra={
                            "layout": store.layout.to_dict(), "seconds": seconds, "images": images, "bytes": size,
-                           "store": str(stores / STORE)})
+                           **({} if isinstance(stores, Path) else {"store": str(stores / STORE)})})
         log(f"cache: wrote {stores / STORE} ({size / 2**20:,.1f} MiB, layout {store.layout.to_dict()}) in "
             f"{seconds:,.0f}s")
     barrier(dist)

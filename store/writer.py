@@ -179,16 +179,20 @@ def _fsync(file) -> None:
             os.fsync(handle.fileno())
 
 
+def _build(where, layout: Layout, attrs: dict, labels, ids, class_counts, checksums: bool) -> None:
+    """The empty store, its attributes and small arrays, at ``where`` (a folder name or a zarr store)."""
+    meta = {"format_version": FORMAT_VERSION, "codec": layout.codec, "layout": layout.to_dict(),
+            "versions": package_versions(), **attrs}
+    create_arrays(zarr.open_group(where, mode="w", attributes=meta), layout, labels, ids, class_counts, checksums)
+
+
 def _create_atomically(path: Path, layout: Layout, attrs: dict, labels, ids, class_counts,
                        checksums: bool = True) -> None:
     """Build the empty store in a temporary folder beside ``path`` and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        meta = {"format_version": FORMAT_VERSION, "codec": layout.codec, "layout": layout.to_dict(),
-                "versions": package_versions(), **attrs}
-        group = zarr.open_group(str(tmp), mode="w", attributes=meta)
-        create_arrays(group, layout, labels, ids, class_counts, checksums)
+        _build(str(tmp), layout, attrs, labels, ids, class_counts, checksums)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -209,10 +213,7 @@ def _create_claimed(path: RemotePath, layout: Layout, attrs: dict, labels, ids, 
     mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode()
     if create_new(claim, mine):
         try:
-            meta = {"format_version": FORMAT_VERSION, "codec": layout.codec, "layout": layout.to_dict(),
-                    "versions": package_versions(), **attrs}
-            group = zarr.open_group(zarr_store(path), mode="w", attributes=meta)
-            create_arrays(group, layout, labels, ids, class_counts, checksums)
+            _build(zarr_store(path), layout, attrs, labels, ids, class_counts, checksums)
         finally:
             claim.unlink(missing_ok=True)
         return

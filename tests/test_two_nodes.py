@@ -89,7 +89,7 @@ def test_two_nodes_dump_into_one_bucket_byte_for_byte(small_cache, tmp_path, two
     teacher, cache = small_cache
     ns0, _, address = two_namespaces[0]
     sys.path.insert(0, str(REPO / "scripts"))
-    from seaweed_server import CREDENTIALS, command
+    from seaweed_server import CREDENTIALS, command, stop
 
     folder = tmp_path / "weed"
     folder.mkdir()
@@ -121,9 +121,4 @@ def test_two_nodes_dump_into_one_bucket_byte_for_byte(small_cache, tmp_path, two
         assert set(remote) == set(local)
         assert all(remote[name] == local[name] for name in local)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
