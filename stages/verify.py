@@ -80,8 +80,7 @@ def replay_problems(cache_dir: Path, store: LogitStore, source, pairs: int, devi
         r, v = rows[start:start + 256], views[start:start + 256]
         parts = {name: np.stack([store.read_stored(int(i), int(i) + 1, int(j))[name][0] for i, j in zip(r, v)])
                  for name in store.read_stored(0, 1, 0)}
-        _, params = store.read(r, v)
-        images = executor.run(positions_of(store.ids[r], source.train.ids), params)
+        images = executor.run(positions_of(store.ids[r], source.train.ids), parts["params"])
         with torch.no_grad(), autocast(device, bf16):
             fresh = model(to_device(images, device, channels_last))["logits"].float().cpu().numpy()
         bad = mismatched(store, parts, fresh)

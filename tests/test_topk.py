@@ -58,7 +58,7 @@ def test_k_at_or_above_c_is_refused_naming_the_limit(tmp_path):
     assert proc.returncode == 2 and "K must be at least 1 and below C = 300" in proc.stderr
 
 
-def test_every_codec_is_read_by_the_student_and_inspect_and_its_size_was_planned(small_cache, tmp_path):
+def test_every_codec_is_read_by_the_student_inspect_and_verify_and_its_size_was_planned(small_cache, tmp_path):
     teacher, _ = small_cache
     short = ["--set", "epochs=2", "--set", "warmup_epochs=1"]
     exact = {}
@@ -83,6 +83,8 @@ def test_every_codec_is_read_by_the_student_and_inspect_and_its_size_was_planned
         assert 0 <= metrics["top1"] <= 100
         proc = run_cli("inspect", "--cache", str(cache), "--at", "3,0.5", "--out", str(tmp_path / f"in-{codec}"))
         assert f"codec {codec if codec != 'topk' else 'topk K=4'} at tau 3, p 0.5" in proc.stdout
+        proc = run_cli("verify", "--cache", str(cache), "--replay", "16")
+        assert proc.stdout.strip().endswith("PASS") and "16 replayed pairs match" in proc.stdout
     # the stated bounds hold against the float16 cache, whose own bound is far smaller
     reference, reference_bound = exact["float16"]
     for codec in ("int8", "topk"):
