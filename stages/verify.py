@@ -24,6 +24,7 @@ import torch
 
 from pipeline.data.loaders import make_executor
 from pipeline.data.sources import DataError, load_source
+from pipeline.analysis.virtual import FLOAT16_RELATIVE
 from pipeline.data.targets import positions_of
 from pipeline.device import autocast, to_device
 from pipeline.train.distributed import init_from_env
@@ -35,8 +36,6 @@ from store.verify import check_store
 from .artifacts import load_teacher, store_of
 from .inspect import progress_bar
 from .student import cache_teacher, teacher_dir_of
-
-FLOAT16_RELATIVE = 2.0 ** -11
 
 
 def fingerprint_problems(cache_dir: Path, store: LogitStore, data_root: Path | None) -> tuple[list[str], object]:
@@ -78,8 +77,8 @@ def replay_problems(cache_dir: Path, store: LogitStore, source, pairs: int, devi
     problems = []
     for start in range(0, len(rows), 256):
         r, v = rows[start:start + 256], views[start:start + 256]
-        parts = {name: np.stack([store.read_stored(int(i), int(i) + 1, int(j))[name][0] for i, j in zip(r, v)])
-                 for name in store.read_stored(0, 1, 0)}
+        rows = [store.read_stored(int(i), int(i) + 1, int(j)) for i, j in zip(r, v)]  # one read a pair
+        parts = {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
         images = executor.run(positions_of(store.ids[r], source.train.ids), parts["params"])
         with torch.no_grad(), autocast(device, bf16):
             fresh = model(to_device(images, device, channels_last))["logits"].float().cpu().numpy()
