@@ -53,11 +53,16 @@ class LogitStore:
     def __init__(self, path: Path, attrs: dict, sharpness: float | None = None):
         self.path = path
         self.attrs = attrs
-        self.sharpness = sharpness  # p / tau of the targets to be made; needed by codec topk only
+        self.sharpness = sharpness  # p / tau of the targets to be made; needed by codecs topk and sampled only
         self.layout = Layout(**attrs["layout"])
         group = zarr.open_group(zarr_store(path, read_only=True), mode="r")
         self._arrays = {name: group[name] for name in data_arrays(self.layout)}
         self.labels, self.ids, self.class_counts = (self._whole(group, name) for name in META_ARRAYS)
+
+    def array(self, name: str) -> zarr.Array:
+        """The zarr array of the per-sample-view data ``name`` (``logits``, ``params`` ...), for checks that walk
+        its chunks (``store.verify``); readers use ``read`` and ``read_stored``, which name damaged chunks."""
+        return self._arrays[name]
 
     def _whole(self, group: zarr.Group, name: str) -> np.ndarray:
         try:

@@ -30,7 +30,7 @@ def damaged_chunks(store: LogitStore, progress: Callable[[int, int], None] | Non
     reads = list(chunk_reads(store))
     found = []
     for k, (name, first, stop, view) in enumerate(reads):
-        array = store._arrays[name]
+        array = store.array(name)
         try:
             array[first:stop] if view is None else array[first:stop, view]
         except ValueError as error:
@@ -71,7 +71,7 @@ def shape_problems(store: LogitStore) -> list[str]:
     """Arrays whose shape or dtype disagrees with the layout, and per-sample metadata that disagrees with itself."""
     lay, problems = store.layout, []
     for name, (dtype, width) in data_arrays(lay).items():
-        array = store._arrays[name]
+        array = store.array(name)
         if array.shape != (lay.n, lay.v, width) or array.dtype != np.dtype(dtype):
             problems.append(f"array {name!r} is {array.dtype} {array.shape}; the layout says {dtype} "
                             f"{(lay.n, lay.v, width)}")
