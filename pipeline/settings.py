@@ -18,8 +18,9 @@ from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 LOSSES = ("bsce", "ce")
-CODECS = ("float16", "int8", "topk")  # store.codecs.CODECS
-TOPK = 20  # K of codec=topk: 4K + 20 = 100 bytes a view, 0.1 byte a logit at C = 1000
+CODECS = ("float16", "int8", "topk", "sampled")  # store.codecs.CODECS
+SPARSE = ("topk", "sampled")  # store.codecs.SPARSE: the codecs that take topk=K
+TOPK = 20  # K of codec=topk: 4K + 20 = 100 bytes a view, 0.1 byte a logit at C = 1000 (codec=sampled: 8K + 20)
 SCHEDULES = ("step", "cosine")
 MODES = ("cached", "online")
 AUG_KINDS = ("pad_crop", "resized_crop", "short_side_crop", "identity")  # pipeline.data.views.KINDS
@@ -147,7 +148,7 @@ class CacheSettings(_Keys):
     views: int  # V, recorded views per training image
     view_seed: int = 1  # seed of the recorded views (the teacher's training views use its own seed)
     codec: str = "float16"
-    topk: int = TOPK  # logits kept per view by codec=topk (ignored, and not part of the identity, otherwise)
+    topk: int = TOPK  # logits kept per view by codec=topk or sampled (ignored, and not in the identity, otherwise)
     expert_logits: bool = False  # also store a RIDE teacher's per-expert logits (expert_logits.zarr)
     # runtime
     batch_size: int  # images per teacher forward pass while dumping; never reaches a student
@@ -161,20 +162,20 @@ class CacheSettings(_Keys):
     def __post_init__(self) -> None:
         _one_of("codec", self.codec, CODECS)
         _at_least(self, 1, "views", "batch_size", "topk")
-        if self.codec == "topk" and self.expert_logits:
-            raise ConfigError("codec=topk cannot store per-expert logits (expert_logits=true): each expert's "
+        if self.codec in SPARSE and self.expert_logits:
+            raise ConfigError(f"codec={self.codec} cannot store per-expert logits (expert_logits=true): each expert's "
                               "softmax needs its own top-K; use codec=float16 or int8 for them")
 
     def identity(self) -> dict:
         mine = super().identity()
-        if self.codec != "topk":  # K means nothing to the dense codecs: it must not rename their caches
+        if self.codec not in SPARSE:  # K means nothing to the dense codecs: it must not rename their caches
             mine.pop("topk")
         return mine
 
     @property
     def k(self) -> int:
         """The codec's K (0 for the dense codecs)."""
-        return self.topk if self.codec == "topk" else 0
+        return self.topk if self.codec in SPARSE else 0
         _at_least(self, 0, "view_seed", "workers", "prefetch")
 
 

@@ -24,6 +24,7 @@ from pipeline.data.views import P, ViewSpec, view_params
 from pipeline.device import autocast, to_device
 from pipeline.settings import CacheSettings, TeacherSettings
 from pipeline.train.distributed import Dist, barrier, init_from_env
+from store import codecs
 from store.lock import DumpLock
 from store.manifest import MANIFEST, ArtifactError, check_fingerprint, read_manifest, sha256_file, write_manifest
 from store.plan import plan_store
@@ -198,8 +199,8 @@ def _dump_store(teacher_dir: Path, out: Path, stores, cache: CacheSettings, teac
             need += extra
         if isinstance(stores, Path):  # an object store reports no free space
             check_room(out, need, log)
-        codec = f"topk K={cache.k}" if cache.codec == "topk" else cache.codec
-        log(f"cache: {n:,} images x {v} views of {teacher.dataset}, {c} classes, codec {codec}, "
+        log(f"cache: {n:,} images x {v} views of {teacher.dataset}, {c} classes, "
+            f"codec {codecs.name(cache.codec, cache.k)}, "
             f"on {dist.device} x{dist.world}")
     spec = teacher.view_spec()
     attrs = {"recipe": {"teacher": teacher.to_dict(), "cache": cache.to_dict()},

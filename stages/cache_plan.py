@@ -10,6 +10,7 @@ from __future__ import annotations
 from pipeline.data.sources import SOURCES
 from pipeline.data.sources.base import longtail_counts
 from pipeline.settings import CacheSettings, ConfigError
+from store import codecs
 from store.plan import StorePlan, plan_store
 
 PUBLISHED = {"imagenet-lt": (115_846, 1_000), "inat2018": (437_513, 8_142)}  # train images, classes
@@ -52,7 +53,7 @@ def human(size: float) -> str:
 def describe(dataset: str, plan: StorePlan) -> list[str]:
     """The plan as lines for the terminal."""
     lay = plan.layout
-    codec = f"topk K={lay.k}" if lay.codec == "topk" else lay.codec
+    codec = codecs.name(lay.codec, lay.k)
     views = plan.array_bytes["logits"] / (lay.n * lay.v)
     side = plan.chunk_bytes / (lay.n * lay.v) - views
     return [

@@ -54,8 +54,8 @@ def cache(teacher: Optional[Path] = typer.Option(None, help="the teacher's run f
           out: Optional[Path] = typer.Option(None, help="cache folder (default: beside the teacher, named by the "
                                                          "settings)"),
           overrides: Optional[List[str]] = typer.Option(None, "--set", "-s",
-                                                        help="views=V, view_seed=, codec=float16|int8|topk, topk=K, "
-                                                             "expert_logits=, batch_size= (of the dump) ..."),
+                                                        help="views=V, view_seed=, codec=float16|int8|topk|sampled, "
+                                                             "topk=K, expert_logits=, batch_size= (of the dump) ..."),
           data_root: Optional[Path] = RootOpt, device: str = DeviceOpt,
           plan: bool = typer.Option(False, "--plan", help="print the store's size, layout and per-epoch reads, "
                                                           "and dump nothing (no teacher needed)"),

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.analysis.virtual import count_error_bounds, flatness, smallest_tau, virtual_counts
+from store import codecs
 from store.manifest import write_json_atomic
 from store.reader import LogitStore
 
@@ -71,15 +72,16 @@ def plot(path: Path, real: np.ndarray, virtual: dict[str, np.ndarray], title: st
 
 
 def codec_name(store: LogitStore) -> str:
-    return f"topk K={store.k}" if store.codec == "topk" else store.codec
+    return codecs.name(store.codec, store.k)
 
 
 def error_line(store: LogitStore, name: str, counts: np.ndarray, bound: np.ndarray) -> str:
     """What the codec's rounding or truncation can do to the virtual counts at one setting."""
     worst = int(np.argmax(bound / np.maximum(counts, 1e-12)))
-    return (f"codec {codec_name(store)} at {name}: each virtual count is within {bound.max():.3g} examples of the "
-            f"exact logits' (at most {100 * bound[worst] / max(counts[worst], 1e-12):.3g}% of a class's count, "
-            f"class {worst})")
+    within = "within" if store.codec != "sampled" else "within (2 standard errors of its draws, ~95%)"
+    return (f"codec {codec_name(store)} at {name}: each virtual count is {within} {bound.max():.3g} examples of "
+            f"the exact logits' (at most {100 * bound[worst] / max(counts[worst], 1e-12):.3g}% of a class's "
+            f"count, class {worst})")
 
 
 def run(cache_dir: Path, out: Path, settings: list[tuple[float, float]], flatness_target: float | None = None,

@@ -8,7 +8,8 @@ Checks, each reported rather than raised, so one run names every failure:
    was bound to, and the cache's manifest;
 3. with ``--replay K``: K random (sample, view) pairs replayed through the teacher and compared with the stored
    logits, to the codec's rounding (float16: equal after rounding the fresh logits to float16; int8: within
-   its per-row bound; topk: the same top-K classes, their logits equal after rounding). The replay uses the
+   its per-row bound; topk: the same top-K classes, their logits equal after rounding; sampled: that, and
+   each drawn tail class's stored logit equal to its fresh one after rounding). The replay uses the
    cache's recorded bf16 and channels_last settings; run it on the kind of device that dumped the cache, as
    bf16 kernels differ between devices (after TinyViT's --check-saved-logits).
 
@@ -28,7 +29,7 @@ from pipeline.analysis.virtual import FLOAT16_RELATIVE
 from pipeline.data.targets import positions_of
 from pipeline.device import autocast, to_device
 from pipeline.train.distributed import init_from_env
-from store import codecs, topk
+from store import codecs, sampled, topk
 from store.manifest import ArtifactError, read_manifest, sha256_file
 from store.reader import LogitStore
 from store.verify import check_store
@@ -100,7 +101,11 @@ def mismatched(store: LogitStore, parts: dict, fresh: np.ndarray) -> np.ndarray:
     at = np.take_along_axis(fresh, index, axis=1)
     kth = np.sort(fresh, axis=1)[:, -store.k]
     same_set = np.all(at >= kth[:, None], axis=1)  # the stored classes are the K largest now too (ties aside)
-    return ~(same_set & np.all(top == at.astype(np.float16).astype(np.float32), axis=1))
+    same = same_set & np.all(top == at.astype(np.float16).astype(np.float32), axis=1)
+    if store.codec == "sampled":  # which tail classes were drawn is chance; their logits are not
+        drawn, classes = sampled.split_draws(parts["logits"], store.k)
+        same &= np.all(drawn == np.take_along_axis(fresh, classes, 1).astype(np.float16).astype(np.float32), axis=1)
+    return ~same
 
 
 def run(cache_dir: Path, replay: int = 0, data_root: Path | None = None, device: str = "auto", log=print) -> bool:

@@ -1,4 +1,5 @@
-"""How raw logits are stored: ``float16`` (default), ``int8``, or ``topk`` (see ``store.topk``).
+"""How raw logits are stored: ``float16`` (default), ``int8``, ``topk`` (see ``store.topk``) or ``sampled``
+(``store.sampled``: topk plus K importance-sampled tail classes).
 
 float16 keeps ~3 significant decimal digits; decoding gives exactly ``z.astype(float16)``. Logits are
 stored uncompressed: on realistic float16 logits zstd/blosc saved only ~8% of the bytes and cut the read
@@ -17,17 +18,20 @@ distances below it are what matter. The error is |z^ - z| <= step / 2 (plus floa
 KL(p || p^) at tau = 1 by ~3.6x but raised it ~1.7x at tau = 9, and distillation uses high temperatures,
 so the plain affine code stays.
 
-float16 and int8 decode to the logits themselves. ``topk`` keeps K logits per view and a summary of the rest,
-and decodes to logits that are right for one target sharpness p / tau at a time, so its readers pass one.
+float16 and int8 decode to the logits themselves. ``topk`` and ``sampled`` keep K logits per view and a
+summary of the rest (and ``sampled`` K drawn tail classes), and decode to logits that are right for one target
+sharpness p / tau at a time, so their readers pass one.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from store import topk
+from store import sampled, topk
 
-CODECS = ("float16", "int8", "topk")
+CODECS = ("float16", "int8", "topk", "sampled")
 DENSE = ("float16", "int8")  # codecs that decode to the logits whatever the sharpness
+SPARSE = ("topk", "sampled")  # codecs that keep K logits a view (``topk=K``) and decode for one sharpness
+ENCODE_ROWS = 4096  # the sparse codecs encode a shard this many views at a time: float64 work stays ~0.3 GB
 
 
 def check(codec: str) -> str:
@@ -37,12 +41,17 @@ def check(codec: str) -> str:
     return codec
 
 
+def name(codec: str, k: int = 0) -> str:
+    """The codec as people read it: ``float16``, ``topk K=20``."""
+    return f"{codec} K={k}" if codec in SPARSE else codec
+
+
 def check_k(codec: str, k: int, c: int) -> int:
-    """The K of ``codec`` for ``c`` classes: topk needs 1 <= K < C; the dense codecs take no K (0)."""
-    if check(codec) == "topk":
+    """The K of ``codec`` for ``c`` classes: topk and sampled need 1 <= K < C; the dense codecs take no K (0)."""
+    if check(codec) in SPARSE:
         return topk.check_k(k, c)
     if k:
-        raise ValueError(f"topk={k} applies to codec=topk only; codec {codec} stores every logit")
+        raise ValueError(f"topk={k} applies to codec=topk or sampled only; codec {codec} stores every logit")
     return 0
 
 
@@ -51,31 +60,44 @@ def stored_arrays(codec: str, c: int, k: int = 0) -> dict[str, tuple[str, int]]:
     that is read a view at a time (sharded); the others are small side arrays."""
     if check(codec) == "float16":
         return {"logits": ("float16", c)}
-    if codec == "topk":
-        return {"logits": ("uint16", topk.width(k))}
+    if codec in SPARSE:
+        return {"logits": ("uint16", (topk if codec == "topk" else sampled).width(k))}
     return {"logits": ("int8", c), "logit_affine": ("float32", 2)}
 
 
 def row_bytes(codec: str, c: int, k: int = 0) -> int:
     """Bytes of the ``logits`` array per sample-view (int8's 8-byte side array not included)."""
-    if check(codec) == "topk":
-        return topk.row_bytes(k)
+    if check(codec) in SPARSE:
+        return (topk if codec == "topk" else sampled).row_bytes(k)
     return c * (2 if codec == "float16" else 1)
 
 
-def encode(z: np.ndarray, codec: str = "float16", k: int = 0) -> dict[str, np.ndarray]:
-    """Encode float logits [..., C] into the arrays ``stored_arrays(codec, C, k)`` names."""
+def encode(z: np.ndarray, codec: str = "float16", k: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
+    """Encode float logits [..., C] into the arrays ``stored_arrays(codec, C, k)`` names. ``seed`` seeds the
+    draws of codec sampled (the writer passes the shard's index, so a re-dumped shard comes out the same)."""
     z = np.asarray(z, dtype=np.float32)
     lo, hi = (z.min(), z.max()) if z.size else (0.0, 0.0)
     if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates through min/max: one cheap pass
         raise ValueError("teacher logits contain NaN or inf; refusing to store them")
-    if check(codec) == "float16":
-        if max(-lo, hi) > np.finfo(np.float16).max:
-            raise ValueError("teacher logits exceed the float16 range (|z| > 65504); use another codec")
+    if check(codec) != "int8" and max(-lo, hi) > np.finfo(np.float16).max:  # the sparse codecs keep float16 too
+        raise ValueError(f"teacher logits exceed the float16 range (|z| > 65504) of codec {codec}; use codec=int8")
+    if codec == "float16":
         return {"logits": z.astype(np.float16)}
-    if codec == "topk":
-        return {"logits": topk.encode(z, k)}
+    if codec in SPARSE:
+        return {"logits": _encode_sparse(z, codec, k, seed)}
     return _encode_int8(z)
+
+
+def _encode_sparse(z: np.ndarray, codec: str, k: int, seed: int) -> np.ndarray:
+    c = z.shape[-1]
+    topk.check_k(k, c)
+    flat = z.reshape(-1, c)
+    rng = np.random.default_rng([seed, 0x5A3D])
+    out = np.empty((len(flat), stored_arrays(codec, c, k)["logits"][1]), dtype=np.uint16)
+    for start in range(0, len(flat), ENCODE_ROWS):
+        block = flat[start:start + ENCODE_ROWS]
+        out[start:start + len(block)] = topk.encode(block, k) if codec == "topk" else sampled.encode(block, k, rng)
+    return out.reshape(*z.shape[:-1], out.shape[-1])
 
 
 def _encode_int8(z: np.ndarray) -> dict[str, np.ndarray]:
@@ -92,15 +114,15 @@ def _encode_int8(z: np.ndarray) -> dict[str, np.ndarray]:
 
 def decode(parts: dict[str, np.ndarray], codec: str = "float16", c: int = 0, k: int = 0,
            sharpness: float | None = None) -> np.ndarray:
-    """Decode stored arrays back to float32 logits [..., C]. topk needs ``c``, ``k`` and the sharpness
-    p / tau of the targets that will be made from the logits (see ``store.topk``)."""
+    """Decode stored arrays back to float32 logits [..., C]. topk and sampled need ``c``, ``k`` and the
+    sharpness p / tau of the targets that will be made from the logits (see ``store.topk``)."""
     if check(codec) == "float16":
         return parts["logits"].astype(np.float32)
-    if codec == "topk":
+    if codec in SPARSE:
         if sharpness is None:
-            raise ValueError("a topk store decodes to logits for one target sharpness p / tau; pass sharpness= "
-                             "(LogitStore.open(..., sharpness=power / tau))")
-        return topk.decode(parts["logits"], k, c, sharpness)
+            raise ValueError(f"a {codec} store decodes to logits for one target sharpness p / tau; pass "
+                             f"sharpness= (LogitStore.open(..., sharpness=power / tau))")
+        return (topk if codec == "topk" else sampled).decode(parts["logits"], k, c, sharpness)
     affine = parts["logit_affine"]
     top, step = affine[..., 0:1], affine[..., 1:2]
     return top - (np.float32(127) - parts["logits"].astype(np.float32)) * step

@@ -158,7 +158,7 @@ class StoreWriter:
                  for name, array in self._arrays.items()]
         for file in files:  # a killed earlier attempt may have left half a shard; start from nothing
             file.unlink(missing_ok=True)
-        parts = codecs.encode(logits, self.layout.codec, self.layout.k)
+        parts = codecs.encode(logits, self.layout.codec, self.layout.k, seed=k)  # k: the shard
         parts["params"] = params
         for name, array in self._arrays.items():
             array[start:stop] = parts[name]
