@@ -125,7 +125,7 @@ FONT_PACKAGES := fonts-noto-cjk fonts-arphic-ukai fonts-arphic-uming fonts-ipafo
 EMBEDDED := $(if $(filter fmnist-lt,$(DATASET)),$(FMNIST))$(if $(filter glyph-lt,$(DATASET)),$(FONTS))
 DATA_DEP := $(if $(DATA_ROOT),,$(EMBEDDED))
 
-.PHONY: help plan install test teacher cache student sweep report verify inspect flatness tsne samples shift-eval bench-cache bench-codecs bench-loader bench-student rehearsal glyph-study views-study gpu-check clean-venv
+.PHONY: help plan install test teacher cache student sweep report verify inspect flatness tsne samples shift-eval bench-cache bench-codecs bench-loader bench-student rehearsal glyph-study views-study codec-study gpu-check clean-venv
 
 help: ## list the targets and variables
 	@echo "dive: make TARGET [VAR=value ...]"
@@ -137,7 +137,7 @@ help: ## list the targets and variables
 	@echo "  data     DATASET=$(DATASET) (fmnist-lt | glyph-lt | cifar100-lt | imagenet-lt | inat2018)  IF=$(IF)  CLASSES=$(CLASSES) (glyph-lt)  DATA_ROOT=$(DATA_ROOT)"
 	@echo "  teacher  LOSS=$(LOSS) (bsce | ce)  TEACHER_SEED=$(TEACHER_SEED)  TEACHER_EPOCHS TEACHER_LR TEACHER_BATCH"
 	@echo "           TEACHER_MODEL (ride: RIDE experts)  TEACHER_EXPERTS  TEACHER_SET=\"key=value ...\""
-	@echo "  cache    VIEWS (V)  CODEC (float16 | int8 | topk)  CACHE_SET=\"key=value ...\" (topk=K, batch_size=: the dump's batch)  PLAN=1 (size only)"
+	@echo "  cache    VIEWS (V)  CODEC (float16 | int8 | topk | sampled)  CACHE_SET=\"key=value ...\" (topk=K, batch_size=: the dump's batch)  PLAN=1 (size only)"
 	@echo "  student  TAU POWER ALPHA  MODE=$(MODE) (cached | online)  STUDENT_SEED=$(STUDENT_SEED)  STUDENT_EPOCHS"
 	@echo "           STUDENT_LR STUDENT_BATCH STUDENT_MODEL STUDENT_EXPERTS STUDENT_SET=\"key=value ...\""
 	@echo "  runtime  DEVICE=$(DEVICE) (auto | cpu | cuda)  NPROC=$(NPROC) (torchrun processes)  WORKERS (decode threads)"
@@ -246,6 +246,9 @@ bench-codecs: $(STAMP) $(FONTS) ## codec fidelity on glyph-lt's BSCE cache (made
 
 views-study: $(STAMP) $(FMNIST) $(FONTS) ## students from caches of V = 1..epochs views against online, 3 seeds at V = 8, epochs, online (resumable; hours)
 	$(PYTHON) scripts/views_study.py --dataset $(DATASET) VENV=$(VENV) RUNS=$(RUNS)
+
+codec-study: $(STAMP) $(FONTS) ## glyph-lt students from float16, int8, topk K=20 and sampled K=10 caches; 3 seeds of sampled (resumable; hours)
+	$(PYTHON) scripts/codec_study.py VENV=$(VENV) RUNS=$(RUNS)
 
 bench-loader: $(STAMP) $(FMNIST) $(JXL_JPEG) $(OPENCV_JPEG) ## loader alone, step alone and both: overlap efficiency of the synchronous and prefetching paths; dump vs forward
 	$(VENV)/bin/python benchmarks/bench_loader.py
