@@ -24,6 +24,9 @@ sharpness p / tau at a time, so their readers pass one.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from store import sampled, topk
@@ -31,7 +34,8 @@ from store import sampled, topk
 CODECS = ("float16", "int8", "topk", "sampled")
 DENSE = ("float16", "int8")  # codecs that decode to the logits whatever the sharpness
 SPARSE = ("topk", "sampled")  # codecs that keep K logits a view (``topk=K``) and decode for one sharpness
-ENCODE_ROWS = 4096  # the sparse codecs encode a shard this many views at a time: float64 work stays ~0.3 GB
+ENCODE_ROWS = 2048  # the sparse codecs encode a shard this many views at a time (float64 work ~130 MB at C = 8142)
+ENCODE_THREADS = min(8, os.cpu_count() or 1)  # blocks encoded at once: a GPU host's cores keep up with its teacher
 
 
 def check(codec: str) -> str:
@@ -89,14 +93,29 @@ def encode(z: np.ndarray, codec: str = "float16", k: int = 0, seed: int = 0) -> 
 
 
 def _encode_sparse(z: np.ndarray, codec: str, k: int, seed: int) -> np.ndarray:
+    """Blocks of ``ENCODE_ROWS`` views encoded on ``ENCODE_THREADS`` threads (numpy's sorts and ufuncs release
+    the GIL). Each block's draws come from its own generator, seeded by (seed, block), so the bytes do not
+    depend on how many threads ran."""
     c = z.shape[-1]
     topk.check_k(k, c)
     flat = z.reshape(-1, c)
-    rng = np.random.default_rng([seed, 0x5A3D])
     out = np.empty((len(flat), stored_arrays(codec, c, k)["logits"][1]), dtype=np.uint16)
-    for start in range(0, len(flat), ENCODE_ROWS):
-        block = flat[start:start + ENCODE_ROWS]
-        out[start:start + len(block)] = topk.encode(block, k) if codec == "topk" else sampled.encode(block, k, rng)
+
+    def block(start: int) -> None:
+        rows = flat[start:start + ENCODE_ROWS]
+        if codec == "topk":
+            out[start:start + len(rows)] = topk.encode(rows, k)
+        else:
+            rng = np.random.default_rng([seed, start // ENCODE_ROWS, 0x5A3D])
+            out[start:start + len(rows)] = sampled.encode(rows, k, rng)
+
+    starts = range(0, len(flat), ENCODE_ROWS)
+    if len(starts) > 1 and ENCODE_THREADS > 1:
+        with ThreadPoolExecutor(min(ENCODE_THREADS, len(starts))) as pool:
+            list(pool.map(block, starts))  # list(): re-raise a block's error here
+    else:
+        for start in starts:
+            block(start)
     return out.reshape(*z.shape[:-1], out.shape[-1])
 
 

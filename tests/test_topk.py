@@ -51,7 +51,7 @@ def test_tail_mass_is_rebuilt_at_tau_1_and_9(tau, top_share, tail_share):
 def test_k_at_or_above_c_is_refused_naming_the_limit(tmp_path):
     with pytest.raises(ValueError, match="below C = 10"):
         Layout.choose(100, 2, 10, 8, "topk", k=10)
-    with pytest.raises(ValueError, match="codec=topk only"):
+    with pytest.raises(ValueError, match="applies to codec=topk or sampled only"):
         Layout.choose(100, 2, 10, 8, "float16", k=3)
     proc = run_cli("cache", "--plan", "--dataset", "glyph-lt", "--set", "codec=topk", "--set", "topk=300",
                    check=False)
