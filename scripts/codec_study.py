@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from study_table import mean_std  # scripts/, on the path of a script run from it
 
 REPO = Path(__file__).resolve().parents[1]
 CODECS = (("float16", 0), ("int8", 0), ("topk", 20), ("sampled", 10))  # (codec, K)
@@ -58,14 +59,6 @@ def bytes_per_view(runs: str, dataset: str, codec: str, k: int) -> float | None:
     return m["bytes"] / views if views else None
 
 
-def _stat(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def report(runs: str, dataset: str) -> None:
     rows = []
     for codec, k in CODECS:
@@ -79,7 +72,7 @@ def report(runs: str, dataset: str) -> None:
         s, size = r["seeds"], r["bytes_per_view"]
         name = f"{r['codec']} K={r['k']}" if r["k"] else r["codec"]
         lines.append(f"| {name} | {f'{size:,.0f}' if size else '–'} | {len(s)} | "
-                     f"{_stat([m['top1'] for m in s.values()])} | {_stat([m['few'] for m in s.values()])} |")
+                     f"{mean_std([m['top1'] for m in s.values()])} | {mean_std([m['few'] for m in s.values()])} |")
     out = REPO / runs / dataset / "codec-study"
     out.mkdir(parents=True, exist_ok=True)
     (out / "codecs.json").write_text(json.dumps(rows, indent=1))

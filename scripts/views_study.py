@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.settings import defaults_for  # noqa: E402  (standard library only)
+from study_table import mean_std  # noqa: E402  (scripts/, on the path of a script run from it)
 
 CURVE = (1, 2, 4, 8, 16, 32)  # plus V = epochs
 SEEDS = (0, 1, 2)
@@ -85,14 +85,6 @@ def collect(runs: str, dataset: str) -> dict:
     return rows
 
 
-def _stat(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def table(rows: dict, dataset: str) -> str:
     lines = [f"# How many views: {dataset}", "",
              "Students (seed 0 for the curve; mean ± std where 3 seeds ran) from caches of V recorded views, and "
@@ -100,8 +92,8 @@ def table(rows: dict, dataset: str) -> str:
              "| views | seeds | top-1 | Few | train top-1 |", "|---|---|---|---|---|"]
     for label, row in rows.items():
         s = row["seeds"]
-        lines.append(f"| {label} | {len(s)} | {_stat([m['top1'] for m in s.values()])} | "
-                     f"{_stat([m['few'] for m in s.values()])} | {_stat([m['train_top1'] for m in s.values()])} |")
+        lines.append(f"| {label} | {len(s)} | {mean_std([m['top1'] for m in s.values()])} | "
+                     f"{mean_std([m['few'] for m in s.values()])} | {mean_std([m['train_top1'] for m in s.values()])} |")
     return "\n".join(lines) + "\n"
 
 
