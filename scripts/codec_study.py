@@ -38,25 +38,26 @@ def make(args: list[str], dataset: str, extra: list[str], dry: bool) -> None:
         subprocess.run(cmd, cwd=REPO, check=True)
 
 
-def student_metrics(runs: str, dataset: str, codec: str, k: int, seed: int) -> dict | None:
+def folders(runs: str, dataset: str, codec: str, k: int, seed: int = 0) -> tuple[Path, Path]:
+    """(cache folder, student folder) of the codec's cache and its seed-``seed`` student (``stages.paths``)."""
     keys = ["--cache", f"codec={codec}", *(["--cache", f"topk={k}"] if k else []), "--student", f"seed={seed}"]
     out = subprocess.run([sys.executable, "-m", "stages.paths", "--runs", runs, "--dataset", dataset, *keys],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    path = REPO / out[2] / "metrics.json"
+    return REPO / out[1], REPO / out[2]  # an absolute folder stays as it is
+
+
+def student_metrics(runs: str, dataset: str, codec: str, k: int, seed: int) -> dict | None:
+    path = folders(runs, dataset, codec, k, seed)[1] / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def bytes_per_view(runs: str, dataset: str, codec: str, k: int) -> float | None:
-    keys = ["--cache", f"codec={codec}", *(["--cache", f"topk={k}"] if k else [])]
-    out = subprocess.run([sys.executable, "-m", "stages.paths", "--runs", runs, "--dataset", dataset, *keys],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    manifest = REPO / out[1] / "manifest.json"
+    """The cache's bytes on disk over its views (logits, view parameters and metadata), if it is complete."""
+    manifest = folders(runs, dataset, codec, k)[0] / "manifest.json"
     if not manifest.is_file():
         return None
     m = json.loads(manifest.read_text())
-    layout = m.get("layout") or {}
-    views = layout.get("n", 0) * layout.get("v", 0)
-    return m["bytes"] / views if views else None
+    return m["bytes"] / (m["layout"]["n"] * m["layout"]["v"])
 
 
 def report(runs: str, dataset: str) -> None:
