@@ -33,8 +33,9 @@ from store import sampled, topk
 
 CODECS = ("float16", "int8", "topk", "sampled")
 DENSE = ("float16", "int8")  # codecs that decode to the logits whatever the sharpness
-SPARSE = ("topk", "sampled")  # codecs that keep K logits a view (``topk=K``) and decode for one sharpness
-ENCODE_ROWS = 2048  # the sparse codecs encode a shard this many views at a time (float64 work ~130 MB at C = 8142)
+SPARSE = {"topk": topk, "sampled": sampled}  # codecs that keep K logits a view (``topk=K``), by their module
+ENCODE_ROWS = 2048  # the sparse codecs encode a shard this many views at a time (float64 work ~130 MB a block
+#                     at C = 8142, so ~1 GB with ENCODE_THREADS = 8 blocks at once)
 ENCODE_THREADS = min(8, os.cpu_count() or 1)  # blocks encoded at once: a GPU host's cores keep up with its teacher
 
 
@@ -65,14 +66,14 @@ def stored_arrays(codec: str, c: int, k: int = 0) -> dict[str, tuple[str, int]]:
     if check(codec) == "float16":
         return {"logits": ("float16", c)}
     if codec in SPARSE:
-        return {"logits": ("uint16", (topk if codec == "topk" else sampled).width(k))}
+        return {"logits": ("uint16", SPARSE[codec].width(k))}
     return {"logits": ("int8", c), "logit_affine": ("float32", 2)}
 
 
 def row_bytes(codec: str, c: int, k: int = 0) -> int:
     """Bytes of the ``logits`` array per sample-view (int8's 8-byte side array not included)."""
     if check(codec) in SPARSE:
-        return (topk if codec == "topk" else sampled).row_bytes(k)
+        return SPARSE[codec].row_bytes(k)
     return c * (2 if codec == "float16" else 1)
 
 
@@ -141,7 +142,7 @@ def decode(parts: dict[str, np.ndarray], codec: str = "float16", c: int = 0, k: 
         if sharpness is None:
             raise ValueError(f"a {codec} store decodes to logits for one target sharpness p / tau; pass "
                              f"sharpness= (LogitStore.open(..., sharpness=power / tau))")
-        return (topk if codec == "topk" else sampled).decode(parts["logits"], k, c, sharpness)
+        return SPARSE[codec].decode(parts["logits"], k, c, sharpness)
     affine = parts["logit_affine"]
     top, step = affine[..., 0:1], affine[..., 1:2]
     return top - (np.float32(127) - parts["logits"].astype(np.float32)) * step

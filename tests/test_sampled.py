@@ -82,3 +82,9 @@ def test_sampled_needs_k_below_c_and_a_sharpness():
     record = codecs.encode(logits(), "sampled", k=4)
     with pytest.raises(ValueError, match="sampled store decodes to logits for one target sharpness"):
         codecs.decode(record, "sampled", c=30, k=4)
+
+
+def test_the_settings_know_the_store_codecs():
+    """pipeline.settings imports the standard library only, so it keeps its own copy of the codec names."""
+    from pipeline import settings
+    assert settings.CODECS == codecs.CODECS and set(settings.SPARSE) == set(codecs.SPARSE)
