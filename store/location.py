@@ -35,6 +35,9 @@ def storage_options(protocol: str) -> dict:
     # listing would hide them.
     options = {"use_listings_cache": False}
     if protocol in ("s3", "s3a"):
+        # s3fs waits 15 s for a response, botocore 60: a server on a busy machine (SeaweedFS beside a
+        # training on 2 cores) can take longer than 15 s to answer a PUT, and 5 retries of 15 s failed a dump.
+        options["config_kwargs"] = {"read_timeout": 60, "connect_timeout": 20}
         endpoint = os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}

@@ -49,13 +49,23 @@ def kill_after(args: list[str], marker, timeout: float = 300) -> None:
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "stages.cli", *args], cwd=REPO, env={**os.environ, **ALLOC_ENV},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while not marker() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    import tempfile
+
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "stages.cli", *args], cwd=REPO,
+                                env={**os.environ, **ALLOC_ENV}, stdout=subprocess.DEVNULL, stderr=errors)
+        deadline = time.time() + timeout
+        while not marker() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # A process that ended by itself before the marker did not test a kill: say why it ended, not what
+        # the test then finds missing.
+        if proc.returncode != -signal.SIGKILL and not marker():
+            errors.seek(0)
+            tail = errors.read().decode(errors="replace")[-4000:]
+            raise AssertionError(f"dive {' '.join(args)} ended by itself (rc {proc.returncode}) before it could "
+                                 f"be killed:\n{tail}")
 
 
 
