@@ -47,9 +47,8 @@ def small_cache(tmp_path_factory):
 def kill_after(args: list[str], marker, timeout: float = 300) -> None:
     """Start ``dive ARGS``, SIGKILL it as soon as ``marker()`` is true, and wait for it to die."""
     import signal
-    import time
-
     import tempfile
+    import time
 
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen([sys.executable, "-m", "stages.cli", *args], cwd=REPO,
