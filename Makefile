@@ -247,7 +247,7 @@ bench-codecs: $(STAMP) $(FONTS) ## codec fidelity on glyph-lt's BSCE cache (made
 views-study: $(STAMP) $(FMNIST) $(FONTS) ## students from caches of V = 1..epochs views against online, 3 seeds at V = 8, epochs, online (resumable; hours)
 	$(PYTHON) scripts/views_study.py --dataset $(DATASET) VENV=$(VENV) RUNS=$(RUNS)
 
-codec-study: $(STAMP) $(FONTS) ## glyph-lt students from float16, int8, topk K=20 and sampled K=10 caches; 3 seeds of sampled (resumable; hours)
+codec-study: $(STAMP) $(FONTS) ## glyph-lt students from float16, int8, topk K=20, sampled K=10 and topk K=100 caches; 3 seeds of the better 100-byte codec (resumable; hours)
 	$(PYTHON) scripts/codec_study.py VENV=$(VENV) RUNS=$(RUNS)
 
 bench-loader: $(STAMP) $(FMNIST) $(JXL_JPEG) $(OPENCV_JPEG) ## loader alone, step alone and both: overlap efficiency of the synchronous and prefetching paths; dump vs forward

@@ -1,10 +1,11 @@
 """Students from lossy caches against float16 (``make codec-study``, glyph-lt by default).
 
 From the BSCE teacher (seed 0) of the dataset, one cache per codec: float16 (the reference, the default
-cache), int8, and the compact codecs (topk K = 20 and sampled K = 10, both 100 bytes a view, which is 0.1 byte
-a logit at C = 1000); a DiVE student (the recipe's tau, p and alpha, seed 0) from each; then seeds 1 and 2 of
-the compact codec whose seed-0 student scored the higher top-1 (they take the same bytes), or of the codec
-named by ``--default`` (float16 already has its three from ``make glyph-study``). Every step is a
+cache), int8, the compact codecs (topk K = 20 and sampled K = 10, both 100 bytes a view, which is 0.1 byte
+a logit at C = 1000) and topk K = 100 (the K of the iNat plan); a DiVE student (the recipe's tau, p and alpha,
+seed 0) from each; then seeds 1 and 2 of the compact codec whose seed-0 student scored the higher top-1 (they
+take the same bytes), or of the codec named by ``--default`` (float16 already has its three from
+``make glyph-study``); topk K = 100 comes last. Every step is a
 ``make`` target, so the study resumes where it stopped. The table (top-1, Few, mean ± std where seeds ran) goes
 to ``RUNS/<dataset>/codec-study/codecs.md`` and ``codecs.json``.
 
@@ -22,8 +23,9 @@ from pathlib import Path
 from study_table import mean_std  # scripts/, on the path of a script run from it
 
 REPO = Path(__file__).resolve().parents[1]
-CODECS = (("float16", 0), ("int8", 0), ("topk", 20), ("sampled", 10))  # (codec, K)
-COMPACT = CODECS[2:]  # 100 bytes a view each: the candidates for a default
+COMPACT = (("topk", 20), ("sampled", 10))  # (codec, K); 100 bytes a view each: the candidates for a default
+WIDER = (("topk", 100),)  # 420 bytes a view: the K the iNat plan uses (0.05 byte a logit at C = 8,142)
+CODECS = (("float16", 0), ("int8", 0), *COMPACT, *WIDER)
 SEEDS = (0, 1, 2)
 
 
@@ -101,7 +103,7 @@ def main() -> None:
     runs = next((v.split("=", 1)[1] for v in extra if v.startswith("RUNS=")), "runs")
     if not args.report_only:
         make(["teacher"], dataset, extra, dry)
-        for codec, k in CODECS:
+        for codec, k in CODECS[:-len(WIDER)]:
             make(["cache", "student", *cache_vars(codec, k)], dataset, extra, dry)
         if chosen is None and not dry:
             scored = {c: m["top1"] for c in COMPACT if (m := student_metrics(runs, dataset, *c, 0))}
@@ -109,6 +111,8 @@ def main() -> None:
             print(f"three seeds for {chosen[0]} K={chosen[1]} (seed-0 top-1 {scored[chosen]:.2f})", flush=True)
         for seed in SEEDS[1:]:
             make(["student", *cache_vars(*(chosen or COMPACT[0])), f"STUDENT_SEED={seed}"], dataset, extra, dry)
+        for codec, k in WIDER:  # last: the seeds of a default come first
+            make(["cache", "student", *cache_vars(codec, k)], dataset, extra, dry)
     if not dry:
         report(runs, dataset)
 
