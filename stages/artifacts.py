@@ -199,6 +199,7 @@ class RunRecord:
     settings: Training  # the run's own settings
     upstream: str  # a student's cache folder name; "" for a teacher
     metrics: dict
+    cpu: str = ""  # the CPU it ran on ("" for a run that predates the record)
 
     @property
     def seed(self) -> int:
@@ -239,5 +240,6 @@ def collect_runs(runs: Path) -> list[RunRecord]:
             method = "RIDE-DiVE" if ride else "DiVE"
             cache = config.get("cache_dir") or config.get("cache")  # runs before per-stage settings: "cache"
             upstream = Path(cache).name if isinstance(cache, str) else manifest.parent.parent.parent.name
-        records.append(RunRecord(stage, manifest.parent, method, teacher, settings, upstream, data["metrics"]))
+        records.append(RunRecord(stage, manifest.parent, method, teacher, settings, upstream, data["metrics"],
+                                 data.get("machine", {}).get("cpu", "")))
     return records

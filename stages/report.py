@@ -6,6 +6,7 @@ setting get rows of their own; only seeds of otherwise identical runs share a ro
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,17 @@ def markdown(entries: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def machines_line(records: list[RunRecord]) -> str:
+    """Which CPUs the runs came from. Where there are several, the table mixes numerics: the same seed trains
+    to other numbers on another CPU, so a difference between rows may be the machine's."""
+    counts = Counter(r.cpu or "not recorded" for r in records)
+    listed = ", ".join(f"{cpu} ({n} run{'s' if n > 1 else ''})" for cpu, n in sorted(counts.items()))
+    if len(counts) == 1:
+        return f"Machine: {listed}."
+    return (f"Machines: {listed}. The same seed trains to other numbers on another CPU (bf16 and oneDNN kernels "
+            "differ by instruction set), so compare rows from one machine.")
+
+
 def run(runs: Path, out: Path | None = None, log=print) -> Path:
     """Write ``runs/report.md`` (or ``out``) and print it."""
     records = collect_runs(runs)
@@ -120,7 +132,7 @@ def run(runs: Path, out: Path | None = None, log=print) -> Path:
         raise FileNotFoundError(f"no complete teacher or student runs under {runs}; run `make teacher` first")
     entries = summarize(records)
     out = out or runs / "report.md"
-    text = markdown(entries, f"Results: {runs.name}")
+    text = markdown(entries, f"Results: {runs.name}") + "\n" + machines_line(records) + "\n"
     out.write_text(text)
     log(text)
     log(f"report written to {out} ({len(records)} runs in {len(entries)} rows)")

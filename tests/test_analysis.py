@@ -144,3 +144,9 @@ def test_report_and_shift_eval_list_every_run(tmp_path):
     assert "6 runs in 5 rows" in report
     assert "| CE | resnet32, 200 ep; defaults | - | 0,1 |" in report
     assert "| DiVE | tau 3, p 0.5, alpha 0.8; resnet32, 200 ep; defaults | cache-teacher-bsce-seed0 | 0 |" in report
+    assert "Machine: not recorded (6 runs)." in report  # these manifests predate the machine record
+    manifest = tmp_path / "teacher-ce-seed0" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "machine": {"cpu": "Some CPU 9000"}}))
+    report = run_cli("report", "--runs", str(tmp_path)).stdout
+    assert "Machines: Some CPU 9000 (1 run), not recorded (5 runs)." in report
+    assert "compare rows from one machine" in report

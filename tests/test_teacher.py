@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -79,6 +80,9 @@ def test_teacher_outputs_metrics_manifest_and_safe_checkpoints(tmp_path):
     assert manifest["stage"] == "teacher" and manifest["config"]["teacher"]["epochs"] == 1
     assert set(manifest["inputs"]) == {"train_samples", "test_samples"}
     assert "torch" in manifest["versions"]
+    cpuinfo = Path("/proc/cpuinfo").read_text()  # the CPU is recorded: other CPUs train the seed to other numbers
+    expected = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
+    assert manifest["machine"]["cpu"] == expected and manifest["machine"]["cores"] == os.cpu_count()
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["per_class"]) == 10 and metrics["class_counts"][0] == 500
     # checkpoints hold plain data only: loading with weights_only=True works
