@@ -149,6 +149,9 @@ def tsne(runs: Path, out: Path, classes: list[int] | None = None, chosen: dict[s
     return result
 
 
+TSNE_MARKERS = ("o", "^", "s", "D")
+
+
 def _plot_tsne(path, embeddings, y, classes, names, groups, models) -> None:
     import matplotlib
 
@@ -158,10 +161,18 @@ def _plot_tsne(path, embeddings, y, classes, names, groups, models) -> None:
     use_font_for(names[c] for c in classes)
     fig, axes = plt.subplots(1, len(embeddings), figsize=(4.4 * len(embeddings), 4.4), dpi=120, squeeze=False)
     colours = [GROUP_COLOURS[groups[c]] for c in classes]
+    # classes of one group share a colour, so each also gets its own marker and its name at the cluster's median
+    markers = [TSNE_MARKERS[[groups[k] for k in classes[:i]].count(groups[c]) % len(TSNE_MARKERS)]
+               for i, c in enumerate(classes)]
     for ax, (method, emb) in zip(axes[0], embeddings.items()):
-        for c, colour in zip(classes, colours):
+        for c, colour, marker in zip(classes, colours, markers):
             pts = emb[y == c]
-            ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=0.6, color=colour, label=f"{names[c]} ({groups[c]})")
+            ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, color=colour, marker=marker,
+                       label=f"{names[c]} ({groups[c]})")
+            if len(pts):
+                centre = np.median(pts, axis=0)
+                ax.annotate(names[c], centre, fontsize=11, ha="center", va="center", color=colour,
+                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
         ax.set_title(f"{method}  ({models[method].name})", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
