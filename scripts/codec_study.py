@@ -23,9 +23,10 @@ from pathlib import Path
 from study_table import mean_std  # scripts/, on the path of a script run from it
 
 REPO = Path(__file__).resolve().parents[1]
-COMPACT = (("topk", 20), ("sampled", 10))  # (codec, K); 100 bytes a view each: the candidates for a default
+DENSE = (("float16", 0), ("int8", 0))  # (codec, K): every logit kept
+COMPACT = (("topk", 20), ("sampled", 10))  # 100 bytes a view each: the candidates for a default
 WIDER = (("topk", 100),)  # 420 bytes a view: the K the iNat plan uses (0.05 byte a logit at C = 8,142)
-CODECS = (("float16", 0), ("int8", 0), *COMPACT, *WIDER)
+CODECS = (*DENSE, *COMPACT, *WIDER)
 SEEDS = (0, 1, 2)
 
 
@@ -103,7 +104,7 @@ def main() -> None:
     runs = next((v.split("=", 1)[1] for v in extra if v.startswith("RUNS=")), "runs")
     if not args.report_only:
         make(["teacher"], dataset, extra, dry)
-        for codec, k in CODECS[:-len(WIDER)]:
+        for codec, k in (*DENSE, *COMPACT):
             make(["cache", "student", *cache_vars(codec, k)], dataset, extra, dry)
         if chosen is None and not dry:
             scored = {c: m["top1"] for c in COMPACT if (m := student_metrics(runs, dataset, *c, 0))}
